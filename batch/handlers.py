@@ -1,0 +1,193 @@
+"""Handler registry, the context a handler receives, and the built-in handlers.
+
+A handler is registered with `@batch_handler(name, params=SomeSerializer)`. Its parameters
+are validated per item at submit time; at run time it receives the validated dict and an
+`ItemContext`. Async handlers run on the worker's loop, sync ones in a bounded thread pool.
+Apps add handlers in a `batch_handlers` module, found by `autodiscover()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import uuid
+from importlib import import_module
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.db import connections
+from django.utils.module_loading import autodiscover_modules
+from rest_framework import serializers
+
+from batch.forecasting import backtest
+
+logger = logging.getLogger(__name__)
+
+HandlerFunc = Callable[[dict[str, Any], "ItemContext"], Any]
+
+
+class UnknownHandler(LookupError):
+    pass
+
+
+class ItemCancelled(Exception):
+    """Raised inside a handler (by `ctx.raise_if_cancelled()`) to stop at a checkpoint."""
+
+
+@dataclass
+class ItemContext:
+    """What a handler knows about the item it runs and the batch it belongs to."""
+
+    batch_id: uuid.UUID
+    item_id: int
+    index: int
+    attempt: int
+    cancel_event: asyncio.Event
+    progress_fraction: float = 0.0
+    progress_message: str = ""
+    _on_progress: Callable[[ItemContext], None] | None = field(default=None, repr=False)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancel_event.is_set():
+            raise ItemCancelled()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep, but wake and raise `ItemCancelled` as soon as the batch is cancelled."""
+        try:
+            await asyncio.wait_for(self.cancel_event.wait(), timeout=seconds)
+        except TimeoutError:
+            return
+        raise ItemCancelled()
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        self.progress_fraction = min(max(fraction, 0.0), 1.0)
+        self.progress_message = message
+        if self._on_progress is not None:
+            self._on_progress(self)
+
+
+@dataclass(frozen=True)
+class HandlerSpec:
+    name: str
+    func: HandlerFunc
+    params: type[serializers.Serializer[Any]] | None
+    is_async: bool
+    description: str
+
+    def validate(self, params: object) -> dict[str, Any]:
+        """Validated params of one item, or `serializers.ValidationError` with the field errors."""
+        if not isinstance(params, Mapping):
+            raise serializers.ValidationError({"non_field_errors": ["Expected a JSON object."]})
+        if self.params is None:
+            return dict(params)
+        serializer = self.params(data=params)
+        serializer.is_valid(raise_exception=True)
+        return dict(serializer.validated_data)
+
+    def call(self, params: dict[str, Any], ctx: ItemContext) -> Awaitable[Any] | Any:
+        return self.func(params, ctx)
+
+    def call_sync(self, params: dict[str, Any], ctx: ItemContext) -> Any:
+        """Run a sync handler on a pool thread; give back any connection it opened, so the
+        connections the worker holds stay bounded by the pool, not by the item count."""
+        try:
+            return self.func(params, ctx)
+        finally:
+            close_old_connections_of_thread()
+
+
+def close_old_connections_of_thread() -> None:
+    for conn in connections.all(initialized_only=True):
+        conn.close()
+
+
+_registry: dict[str, HandlerSpec] = {}
+
+
+def batch_handler(
+    name: str, *, params: type[serializers.Serializer[Any]] | None = None
+) -> Callable[[HandlerFunc], HandlerFunc]:
+    """Register `func` as the handler called `name`."""
+
+    def register(func: HandlerFunc) -> HandlerFunc:
+        existing = _registry.get(name)
+        if existing is not None and existing.func is not func:
+            raise ValueError(f"batch handler {name!r} is already registered by {existing.func!r}")
+        _registry[name] = HandlerSpec(
+            name=name,
+            func=func,
+            params=params,
+            is_async=inspect.iscoroutinefunction(func),
+            description=inspect.getdoc(func) or "",
+        )
+        return func
+
+    return register
+
+
+def get_handler(name: str) -> HandlerSpec:
+    try:
+        return _registry[name]
+    except KeyError:
+        raise UnknownHandler(name) from None
+
+
+def registered_handlers() -> dict[str, HandlerSpec]:
+    return dict(sorted(_registry.items()))
+
+
+def autodiscover() -> None:
+    """Import `batch_handlers` of every installed app and each of BATCH_HANDLER_MODULES."""
+    autodiscover_modules("batch_handlers")
+    for module in settings.BATCH_HANDLER_MODULES:
+        import_module(module)
+
+
+# --- built-in handlers ----------------------------------------------------------------------
+
+
+class SleepParams(serializers.Serializer[Any]):
+    # Declared in get_fields(): a class attribute named `fail` would shadow Field.fail().
+    def get_fields(self) -> dict[str, serializers.Field[Any, Any, Any, Any]]:
+        return {
+            "seconds": serializers.FloatField(min_value=0, max_value=3600),
+            "fail": serializers.BooleanField(default=False),
+            "cooperative": serializers.BooleanField(default=True),
+        }
+
+
+class ForecastParams(serializers.Serializer[Any]):
+    store = serializers.CharField(max_length=100)
+    product = serializers.CharField(max_length=100)
+    horizon = serializers.IntegerField(min_value=1, max_value=365, default=28)
+
+
+@batch_handler("demo.noop")
+async def noop(params: dict[str, Any], ctx: ItemContext) -> None:
+    """Does nothing and returns at once: measures the engine's own overhead."""
+
+
+@batch_handler("demo.sleep", params=SleepParams)
+async def sleep(params: dict[str, Any], ctx: ItemContext) -> dict[str, float]:
+    """Sleeps `seconds`; stops early on cancel unless `cooperative` is false; `fail` raises."""
+    if params["cooperative"]:
+        await ctx.sleep(params["seconds"])
+    else:
+        await asyncio.sleep(params["seconds"])
+    if params["fail"]:
+        raise RuntimeError("demo.sleep was asked to fail")
+    return {"slept": params["seconds"]}
+
+
+@batch_handler("demo.forecast", params=ForecastParams)
+def forecast(params: dict[str, Any], ctx: ItemContext) -> dict[str, object]:
+    """Backtests seasonal-naive against a moving average on a synthetic sales series."""
+    ctx.raise_if_cancelled()
+    return backtest(params["store"], params["product"], params["horizon"])

@@ -1,0 +1,187 @@
+"""Batch jobs and their items. State changes go through `batch.services` only."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import F, Q
+
+
+class BatchStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    RUNNING = "running", "Running"
+    CANCELLING = "cancelling", "Cancelling"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+ACTIVE_BATCH_STATUSES = (BatchStatus.PENDING, BatchStatus.RUNNING, BatchStatus.CANCELLING)
+TERMINAL_BATCH_STATUSES = (BatchStatus.SUCCEEDED, BatchStatus.FAILED, BatchStatus.CANCELLED)
+
+
+class ItemStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+class BatchJob(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=200, blank=True, default="")
+    handler = models.CharField(max_length=200)
+    status = models.CharField(max_length=16, choices=BatchStatus.choices, default=BatchStatus.PENDING)
+    max_parallel = models.PositiveIntegerField(default=4)
+    max_attempts = models.PositiveSmallIntegerField(default=3)
+    total_items = models.PositiveIntegerField(default=0)
+    running_items = models.PositiveIntegerField(default=0)
+    succeeded_items = models.PositiveIntegerField(default=0)
+    failed_items = models.PositiveIntegerField(default=0)
+    cancelled_items = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="batch_jobs",
+    )
+    cancel_requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    # NULL, not "": batches without a key must not collide in the unique constraint.
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
+
+    class Meta:
+        db_table = "batch_job"
+        ordering = ["-created_at"]
+        verbose_name = "batch"
+        verbose_name_plural = "batches"
+        permissions = [
+            ("cancel_batchjob", "Can cancel batch"),
+            ("resize_batchjob", "Can resize batch"),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(status__in=BatchStatus.values), name="batch_job_status_valid"),
+            models.CheckConstraint(condition=Q(max_parallel__gte=1), name="batch_job_max_parallel_gte_1"),
+            models.CheckConstraint(condition=Q(max_attempts__gte=1), name="batch_job_max_attempts_gte_1"),
+            models.CheckConstraint(
+                condition=Q(
+                    total_items__gte=F("running_items")
+                    + F("succeeded_items")
+                    + F("failed_items")
+                    + F("cancelled_items")
+                ),
+                name="batch_job_counters_within_total",
+            ),
+            models.UniqueConstraint(
+                fields=["created_by", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="batch_job_idempotency_key_unique",
+            ),
+        ]
+        indexes = [
+            models.Index(
+                fields=["created_at"],
+                condition=Q(status__in=["pending", "running", "cancelling"]),
+                name="batch_job_active_idx",
+            ),
+            models.Index(fields=["status", "-created_at"], name="batch_job_status_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name or f"{self.handler} {self.id}"
+
+    @property
+    def pending_items(self) -> int:
+        return self.total_items - self.running_items - self.finished_items
+
+    @property
+    def finished_items(self) -> int:
+        return self.succeeded_items + self.failed_items + self.cancelled_items
+
+    @property
+    def effective_parallel(self) -> int:
+        return min(self.max_parallel, settings.BATCH_GLOBAL_MAX_PARALLEL)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_BATCH_STATUSES
+
+
+class BatchJobItem(models.Model):
+    id = models.BigAutoField(primary_key=True)
+    batch = models.ForeignKey(BatchJob, on_delete=models.CASCADE, related_name="items")
+    index = models.PositiveIntegerField()
+    status = models.CharField(max_length=16, choices=ItemStatus.choices, default=ItemStatus.PENDING)
+    params = models.JSONField(default=dict, blank=True)
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True, default="")
+    attempts = models.PositiveSmallIntegerField(default=0)
+    lease_owner = models.CharField(max_length=200, blank=True, default="")
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "batch_job_item"
+        ordering = ["batch", "index"]
+        verbose_name = "batch item"
+        constraints = [
+            models.UniqueConstraint(fields=["batch", "index"], name="batch_job_item_batch_index_unique"),
+            models.CheckConstraint(condition=Q(status__in=ItemStatus.values), name="batch_job_item_status_valid"),
+        ]
+        indexes = [
+            # The claim query: next pending items of a batch in index order. Partial, so it
+            # stays small however many finished items the table holds.
+            models.Index(
+                fields=["batch", "index"],
+                condition=Q(status="pending"),
+                name="batch_item_pending_idx",
+            ),
+            # Lease recovery and per-worker renewal only ever look at running items.
+            models.Index(
+                fields=["lease_expires_at"],
+                condition=Q(status="running"),
+                name="batch_item_running_lease_idx",
+            ),
+            models.Index(
+                fields=["lease_owner"],
+                condition=Q(status="running"),
+                name="batch_item_running_owner_idx",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.batch_id}#{self.index}"
+
+
+class BatchWorker(models.Model):
+    """One `runbatch` process; its heartbeat tells the others (and health checks) it is alive."""
+
+    id = models.CharField(primary_key=True, max_length=200)
+    hostname = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    concurrency = models.PositiveIntegerField()
+    started_at = models.DateTimeField(auto_now_add=True)
+    heartbeat_at = models.DateTimeField()
+    stopped_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "batch_worker"
+        ordering = ["-heartbeat_at"]
+
+    def __str__(self) -> str:
+        return self.id

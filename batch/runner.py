@@ -1,0 +1,273 @@
+"""The only code that schedules item execution.
+
+One `BatchRunner` per batch: one `asyncio.Semaphore(effective_parallel)` inside one
+`asyncio.TaskGroup`. Items are claimed and spawned lazily as slots free, so memory is
+O(parallel), not O(items). Cancellation is cooperative through the batch's `asyncio.Event`;
+past the batch's deadline the remaining item tasks are cancelled by force.
+
+The runner knows nothing of Django: it takes its collaborators (a `BatchStore` that claims,
+completes and releases items) as arguments, so tests drive it without a database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+
+from batch.handlers import HandlerSpec, ItemCancelled, ItemContext
+from batch.models import ItemStatus
+from batch.services import Claim, ClaimedItem, Outcome
+
+logger = logging.getLogger(__name__)
+
+MAX_CLAIM = 64  # items claimed in one transaction at most
+
+
+class BatchStore(Protocol):
+    """Persistence the runner needs; `batch.store.DatabaseStore` is the real one."""
+
+    async def claim(self, limit: int) -> Claim: ...
+
+    async def complete(self, outcomes: list[Outcome]) -> None: ...
+
+    async def release(self, item_ids: list[int]) -> None: ...
+
+
+class Limiter:
+    """An `asyncio.Semaphore` whose capacity can change while permits are held.
+
+    Growing releases extra permits; shrinking takes free permits at once and keeps a debt
+    that the next releases pay, so running work is never interrupted.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._semaphore = asyncio.Semaphore(capacity)
+        self._debt = 0
+
+    async def acquire(self) -> None:
+        await self._semaphore.acquire()
+
+    def try_acquire(self) -> bool:
+        if self._semaphore.locked():
+            return False
+        # An unlocked semaphore's acquire() completes without suspending.
+        coroutine = self._semaphore.acquire()
+        try:
+            coroutine.send(None)
+        except StopIteration:
+            return True
+        raise RuntimeError("semaphore acquire suspended although it was not locked")
+
+    def release(self) -> None:
+        if self._debt:
+            self._debt -= 1
+        else:
+            self._semaphore.release()
+
+    def resize(self, capacity: int) -> None:
+        delta, self.capacity = capacity - self.capacity, capacity
+        if delta >= 0:
+            paid = min(self._debt, delta)
+            self._debt -= paid
+            for _ in range(delta - paid):
+                self._semaphore.release()
+            return
+        self._debt += -delta
+        while self._debt and self.try_acquire():
+            self._debt -= 1
+
+
+@dataclass
+class RunnerStats:
+    started: int = 0
+    finished: int = 0
+    peak_running: int = 0
+
+
+class BatchRunner:
+    """Runs the items of one batch, at most `parallel` at a time in this process."""
+
+    def __init__(
+        self,
+        *,
+        batch_id: uuid.UUID,
+        handler: HandlerSpec,
+        store: BatchStore,
+        parallel: int,
+        executor: Executor,
+        worker_slots: Limiter | None = None,
+        item_timeout: float | None = None,
+        idle_wait: float = 0.5,
+        on_progress: Callable[[ItemContext], None] | None = None,
+    ) -> None:
+        self.batch_id = batch_id
+        self.handler = handler
+        self.store = store
+        self.executor = executor
+        self.item_timeout = item_timeout
+        self.idle_wait = idle_wait
+        self.on_progress = on_progress
+        self.cancel_event = asyncio.Event()
+        self.stats = RunnerStats()
+        self._limiter = Limiter(parallel)
+        self._worker_slots = worker_slots
+        self._stop_claiming = asyncio.Event()
+        self._wakeup = asyncio.Event()
+        self._running: dict[int, asyncio.Task[None]] = {}
+        self._forced = False
+        self._releasing = False
+
+    # --- control, called by the worker --------------------------------------------------
+
+    @property
+    def parallel(self) -> int:
+        return self._limiter.capacity
+
+    @property
+    def running_item_ids(self) -> list[int]:
+        return list(self._running)
+
+    def resize(self, parallel: int) -> None:
+        if parallel != self._limiter.capacity:
+            self._limiter.resize(parallel)
+            self._wakeup.set()
+
+    def cancel(self) -> None:
+        """Cooperative: launch nothing more; running handlers see `ctx.cancelled`."""
+        self.cancel_event.set()
+        self._wakeup.set()
+
+    def force_cancel(self) -> None:
+        """Past the drain deadline: cancel the item tasks; their items end cancelled."""
+        self.cancel()
+        self._forced = True
+        for task in self._running.values():
+            task.cancel()
+
+    def stop_claiming(self) -> None:
+        """Graceful shutdown: launch nothing more, let running items finish."""
+        self._stop_claiming.set()
+        self._wakeup.set()
+
+    def abort(self) -> None:
+        """Shutdown past its drain: cancel running items and give them back as pending."""
+        self.stop_claiming()
+        self._releasing = True
+        for task in self._running.values():
+            task.cancel()
+
+    # --- the loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Claim and run items until none is left to claim, then wait for the running ones."""
+        async with asyncio.TaskGroup() as group:
+            while not self._should_stop():
+                slots = await self._acquire_slots()
+                if slots == 0:
+                    break
+                claim = await self.store.claim(slots)
+                for _ in range(slots - len(claim.items)):
+                    self._release_slot()
+                for item in claim.items:
+                    self._running[item.id] = group.create_task(self._run_item(item))
+                    self.stats.started += 1
+                    self.stats.peak_running = max(self.stats.peak_running, len(self._running))
+                if not claim.items:
+                    if claim.pending == 0 or claim.status not in ("pending", "running"):
+                        break
+                    await self._wait_for_wakeup()  # cap reached by other workers' items
+
+    def _should_stop(self) -> bool:
+        return self.cancel_event.is_set() or self._stop_claiming.is_set()
+
+    async def _acquire_slots(self) -> int:
+        """Wait for one slot (of the batch and of the worker), then take what else is free."""
+        await self._limiter.acquire()
+        if self._worker_slots is not None:
+            try:
+                await self._worker_slots.acquire()
+            except BaseException:
+                self._limiter.release()
+                raise
+        if self._should_stop():
+            self._release_slot()
+            return 0
+        slots = 1
+        while slots < MAX_CLAIM and self._limiter.try_acquire():
+            if self._worker_slots is not None and not self._worker_slots.try_acquire():
+                self._limiter.release()
+                break
+            slots += 1
+        return slots
+
+    def _release_slot(self) -> None:
+        self._limiter.release()
+        if self._worker_slots is not None:
+            self._worker_slots.release()
+
+    async def _wait_for_wakeup(self) -> None:
+        self._wakeup.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout=self.idle_wait)
+
+    # --- one item -----------------------------------------------------------------------
+
+    async def _run_item(self, item: ClaimedItem) -> None:
+        try:
+            outcome = await self._execute(item)
+            await self.store.complete([outcome])
+        except asyncio.CancelledError:
+            await asyncio.shield(self._settle_cancelled(item))
+            raise
+        finally:
+            self._running.pop(item.id, None)
+            self.stats.finished += 1
+            self._release_slot()
+            self._wakeup.set()
+
+    async def _settle_cancelled(self, item: ClaimedItem) -> None:
+        if self._releasing and not self._forced:
+            await self.store.release([item.id])
+        else:
+            error = "Cancelled by force: the handler ignored cancellation past the drain deadline."
+            await self.store.complete([Outcome(item.id, ItemStatus.CANCELLED, error=error)])
+
+    async def _execute(self, item: ClaimedItem) -> Outcome:
+        ctx = ItemContext(
+            batch_id=self.batch_id,
+            item_id=item.id,
+            index=item.index,
+            attempt=item.attempt,
+            cancel_event=self.cancel_event,
+            _on_progress=self.on_progress,
+        )
+        try:
+            async with asyncio.timeout(self.item_timeout):
+                result = await self._call(item.params, ctx)
+        except ItemCancelled:
+            return Outcome(item.id, ItemStatus.CANCELLED, error="Cancelled at a checkpoint.")
+        except TimeoutError:
+            return Outcome(item.id, ItemStatus.FAILED, error=f"Timed out after {self.item_timeout} s.")
+        except Exception as exc:
+            logger.warning("item failed", exc_info=True, extra={"batch_id": str(self.batch_id), "index": item.index})
+            return Outcome(item.id, ItemStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+        try:
+            json.dumps(result)
+        except (TypeError, ValueError) as exc:
+            return Outcome(item.id, ItemStatus.FAILED, error=f"Result is not JSON serializable: {exc}")
+        return Outcome(item.id, ItemStatus.SUCCEEDED, result=result)
+
+    async def _call(self, params: dict[str, Any], ctx: ItemContext) -> Any:
+        if self.handler.is_async:
+            return await self.handler.call(params, ctx)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, partial(self.handler.call_sync, params, ctx))

@@ -1,0 +1,130 @@
+"""Reads: what the worker, the API and the admin look up. No writes here."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db.models import Count, F, QuerySet
+
+from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
+
+
+@dataclass(frozen=True)
+class BatchState:
+    """What a worker watches of a batch it runs."""
+
+    status: str
+    max_parallel: int
+    cancel_deadline: datetime | None
+
+    @property
+    def effective_parallel(self) -> int:
+        return min(self.max_parallel, settings.BATCH_GLOBAL_MAX_PARALLEL)
+
+
+def runnable_batches(
+    *, exclude: Iterable[uuid.UUID] = (), only: uuid.UUID | None = None
+) -> list[tuple[uuid.UUID, str, int]]:
+    """(id, handler, max_parallel) of batches with pending items, oldest first."""
+    batches = BatchJob.objects.filter(
+        status__in=[BatchStatus.PENDING, BatchStatus.RUNNING],
+        total_items__gt=F("running_items") + F("succeeded_items") + F("failed_items") + F("cancelled_items"),
+    ).exclude(pk__in=list(exclude))
+    if only is not None:
+        batches = batches.filter(pk=only)
+    return list(batches.order_by("created_at").values_list("id", "handler", "max_parallel")[:100])
+
+
+def batch_states(batch_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, BatchState]:
+    rows = BatchJob.objects.filter(pk__in=list(batch_ids)).values_list(
+        "id", "status", "max_parallel", "cancel_requested_at"
+    )
+    drain = timedelta(seconds=settings.BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS)
+    return {
+        pk: BatchState(status=status, max_parallel=mp, cancel_deadline=at + drain if at else None)
+        for pk, status, mp, at in rows
+    }
+
+
+def batches_for(user: AbstractBaseUser | AnonymousUser) -> QuerySet[BatchJob]:
+    """The batches `user` may see: staff all, others their own."""
+    batches = BatchJob.objects.all()
+    if not user.is_authenticated:
+        return batches.none()
+    if getattr(user, "is_staff", False):
+        return batches
+    return batches.filter(created_by_id=user.pk)
+
+
+def counter_mismatches(batch: BatchJob) -> dict[str, tuple[int, int]]:
+    """Counters that differ from the aggregate over the batch's items: {name: (stored, actual)}."""
+    actual = {status: 0 for status in ItemStatus.values}
+    for status, count in _status_counts(batch.pk):
+        actual[status] = count
+    stored = {
+        "total_items": batch.total_items,
+        "running_items": batch.running_items,
+        "succeeded_items": batch.succeeded_items,
+        "failed_items": batch.failed_items,
+        "cancelled_items": batch.cancelled_items,
+    }
+    expected = {
+        "total_items": sum(actual.values()),
+        "running_items": actual[ItemStatus.RUNNING],
+        "succeeded_items": actual[ItemStatus.SUCCEEDED],
+        "failed_items": actual[ItemStatus.FAILED],
+        "cancelled_items": actual[ItemStatus.CANCELLED],
+    }
+    return {name: (stored[name], expected[name]) for name in stored if stored[name] != expected[name]}
+
+
+def _status_counts(batch_id: uuid.UUID) -> list[tuple[str, int]]:
+    return list(
+        BatchJobItem.objects.filter(batch_id=batch_id)
+        .order_by()
+        .values_list("status")
+        .annotate(n=Count("id"))
+        .values_list("status", "n")
+    )
+
+
+@dataclass(frozen=True)
+class ProgressRow:
+    id: uuid.UUID
+    label: str
+    status: str
+    total: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+
+    @property
+    def finished(self) -> int:
+        return self.succeeded + self.failed + self.cancelled
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in (BatchStatus.SUCCEEDED, BatchStatus.FAILED, BatchStatus.CANCELLED)
+
+
+def progress_rows(batch_ids: Iterable[uuid.UUID]) -> list[ProgressRow]:
+    rows = BatchJob.objects.filter(pk__in=list(batch_ids)).order_by("created_at")
+    return [
+        ProgressRow(
+            id=b.id,
+            label=b.name or b.handler,
+            status=b.status,
+            total=b.total_items,
+            running=b.running_items,
+            succeeded=b.succeeded_items,
+            failed=b.failed_items,
+            cancelled=b.cancelled_items,
+        )
+        for b in rows
+    ]

@@ -1,0 +1,565 @@
+"""Every state transition of batches and items. Nothing else writes batch state.
+
+Each function is one short synchronous transaction. Transactions that touch a batch's items
+lock the batch row first (`SELECT … FOR UPDATE`): that fixes a lock order (no deadlocks), keeps
+the counters exact, and makes the parallelism cap hold across every worker process.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, User
+from django.db import IntegrityError, connection, transaction
+from django.db.models import F
+from django.utils import timezone
+from rest_framework import serializers
+
+from batch.handlers import HandlerSpec, UnknownHandler, get_handler, registered_handlers
+from batch.models import (
+    BatchJob,
+    BatchJobItem,
+    BatchStatus,
+    BatchWorker,
+    ItemStatus,
+)
+from batch.signals import batch_changed
+
+logger = logging.getLogger(__name__)
+
+SUBMIT_CHUNK_SIZE = 2_000
+MAX_REPORTED_ITEM_ERRORS = 100
+MAX_PARALLEL_LIMIT = 10_000
+CONTROL_CHANNEL = "batch_control"
+
+Actor = AbstractBaseUser | AnonymousUser | None
+
+
+def _as_user(actor: Actor) -> User | None:
+    """The user to record for `actor`; None for anonymous or system (command, worker) calls."""
+    if actor is None or not actor.is_authenticated:
+        return None
+    return cast(User, actor)
+
+
+# --- results and errors ---------------------------------------------------------------------
+
+
+class SubmitError(Exception):
+    """The submission was refused; nothing was written. `errors` is keyed by field."""
+
+    def __init__(self, errors: dict[str, Any], *, too_many_items: bool = False) -> None:
+        super().__init__(errors)
+        self.errors = errors
+        self.too_many_items = too_many_items
+
+
+class InvalidValue(ValueError):
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field_name = field_name
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    batch: BatchJob
+    created: bool
+
+
+class CancelOutcome(enum.Enum):
+    REQUESTED = "requested"  # this call moved the batch to cancelling (or straight to cancelled)
+    ALREADY_CANCELLING = "already_cancelling"
+    TERMINAL = "terminal"
+    NOT_FOUND = "not_found"
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    outcome: CancelOutcome
+    batch: BatchJob | None
+
+
+@dataclass(frozen=True)
+class ClaimedItem:
+    id: int
+    index: int
+    params: dict[str, Any]
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    items: list[ClaimedItem]
+    pending: int  # items of the batch still pending after this claim
+    status: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    item_id: int
+    status: ItemStatus
+    result: Any = None
+    error: str = ""
+    finished_at: datetime = field(default_factory=timezone.now)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(iterable)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _lock_batch(batch_id: uuid.UUID) -> BatchJob:
+    """The batch row, locked until the transaction ends. Raises BatchJob.DoesNotExist."""
+    return BatchJob.objects.select_for_update().get(pk=batch_id)
+
+
+def _finalize_if_done(batch: BatchJob, now: datetime) -> None:
+    """Move a locked batch whose items have all stopped to its terminal status."""
+    if batch.running_items or batch.pending_items or batch.is_terminal:
+        return
+    if batch.status == BatchStatus.CANCELLING:
+        batch.status = BatchStatus.CANCELLED
+    elif batch.failed_items or batch.cancelled_items:
+        batch.status = BatchStatus.FAILED
+    else:
+        batch.status = BatchStatus.SUCCEEDED
+    batch.finished_at = now
+    logger.info(
+        "batch finished",
+        extra={"batch_id": str(batch.id), "status": batch.status, "total": batch.total_items},
+    )
+
+
+_COUNTER_FIELDS = [
+    "status",
+    "running_items",
+    "succeeded_items",
+    "failed_items",
+    "cancelled_items",
+    "started_at",
+    "finished_at",
+    "updated_at",
+]
+
+
+def _save_counters(batch: BatchJob) -> None:
+    batch.save(update_fields=_COUNTER_FIELDS)
+
+
+def _notify(batch_id: uuid.UUID, kind: str, item_ids: Sequence[int] = ()) -> None:
+    """After commit: wake workers (PostgreSQL NOTIFY is transactional) and send the signal."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify(%s, %s)", [CONTROL_CHANNEL, f"{kind}:{batch_id}"])
+    ids = list(item_ids)
+    transaction.on_commit(lambda: batch_changed.send(BatchJob, batch_id=batch_id, item_ids=ids))
+
+
+def effective_parallel(max_parallel: int) -> int:
+    return min(max_parallel, settings.BATCH_GLOBAL_MAX_PARALLEL)
+
+
+# --- submit ---------------------------------------------------------------------------------
+
+
+def _validate_items(spec: HandlerSpec, items: object) -> list[dict[str, Any]]:
+    if not isinstance(items, list):
+        raise SubmitError({"items": ["Expected a list of item parameter objects."]})
+    if not items:
+        raise SubmitError({"items": ["A batch needs at least one item."]})
+    limit = settings.BATCH_MAX_ITEMS_PER_BATCH
+    if len(items) > limit:
+        raise SubmitError(
+            {"items": [f"A batch may hold at most {limit} items; got {len(items)}."]},
+            too_many_items=True,
+        )
+    validated: list[dict[str, Any]] = []
+    errors: dict[str, Any] = {}
+    for index, params in enumerate(items):
+        try:
+            validated.append(spec.validate(params))
+        except serializers.ValidationError as exc:
+            if len(errors) < MAX_REPORTED_ITEM_ERRORS:
+                errors[str(index)] = exc.detail
+    if errors:
+        raise SubmitError({"items": errors})
+    return validated
+
+
+def _validate_submission(handler: str, items: object, max_parallel: int, name: str) -> list[dict[str, Any]]:
+    try:
+        spec = get_handler(handler)
+    except UnknownHandler:
+        known = ", ".join(registered_handlers())
+        raise SubmitError({"handler": [f"Unknown handler {handler!r}. Known handlers: {known}."]}) from None
+    if not 1 <= max_parallel <= MAX_PARALLEL_LIMIT:
+        raise SubmitError({"max_parallel": [f"Must be between 1 and {MAX_PARALLEL_LIMIT}."]})
+    if len(name) > 200:
+        raise SubmitError({"name": ["At most 200 characters."]})
+    return _validate_items(spec, items)
+
+
+def submit_batch(
+    *,
+    handler: str,
+    items: object,
+    max_parallel: int | None = None,
+    name: str = "",
+    created_by: Actor = None,
+    idempotency_key: str | None = None,
+) -> SubmitResult:
+    """Validate every item, then write the batch and all its items in one transaction.
+
+    Raises SubmitError (nothing written). With `idempotency_key`, a repeat by the same user
+    returns the batch first created with that key, also under concurrent identical requests.
+    """
+    owner = _as_user(created_by)
+    if idempotency_key is not None:
+        existing = BatchJob.objects.filter(created_by=owner, idempotency_key=idempotency_key).first()
+        if existing is not None:
+            return SubmitResult(batch=existing, created=False)
+    max_parallel = settings.BATCH_GLOBAL_MAX_PARALLEL if max_parallel is None else max_parallel
+    validated = _validate_submission(handler, items, max_parallel, name)
+    try:
+        batch = _insert_batch(
+            handler=handler,
+            params=validated,
+            max_parallel=max_parallel,
+            name=name,
+            owner=owner,
+            idempotency_key=idempotency_key,
+        )
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        existing = BatchJob.objects.filter(created_by=owner, idempotency_key=idempotency_key).first()
+        if existing is None:
+            raise
+        return SubmitResult(batch=existing, created=False)
+    return SubmitResult(batch=batch, created=True)
+
+
+def _insert_batch(
+    *,
+    handler: str,
+    params: list[dict[str, Any]],
+    max_parallel: int,
+    name: str,
+    owner: User | None,
+    idempotency_key: str | None,
+) -> BatchJob:
+    with transaction.atomic():
+        batch = BatchJob.objects.create(
+            handler=handler,
+            name=name,
+            max_parallel=max_parallel,
+            max_attempts=settings.BATCH_MAX_ATTEMPTS,
+            total_items=len(params),
+            created_by=owner,
+            idempotency_key=idempotency_key,
+        )
+        rows = (BatchJobItem(batch_id=batch.id, index=index, params=item) for index, item in enumerate(params))
+        for chunk in _chunks(rows, SUBMIT_CHUNK_SIZE):
+            BatchJobItem.objects.bulk_create(chunk)
+        _notify(batch.id, "submitted")
+    logger.info(
+        "batch submitted",
+        extra={"batch_id": str(batch.id), "handler": handler, "total": len(params)},
+    )
+    return batch
+
+
+# --- claim and complete ---------------------------------------------------------------------
+
+
+def claim_items(*, batch_id: uuid.UUID, worker_id: str, limit: int, lease_seconds: float) -> Claim:
+    """Mark up to `limit` pending items running for `worker_id`, within the batch's cap.
+
+    The cap counts the running items of every worker: the locked batch row is the
+    cluster-wide semaphore. The pending → running move is also the item's start.
+    """
+    with transaction.atomic():
+        try:
+            batch = _lock_batch(batch_id)
+        except BatchJob.DoesNotExist:
+            return Claim(items=[], pending=0, status=BatchStatus.CANCELLED)
+        if batch.status not in (BatchStatus.PENDING, BatchStatus.RUNNING):
+            return Claim(items=[], pending=0, status=batch.status)
+        free = batch.effective_parallel - batch.running_items
+        wanted = min(limit, free, batch.pending_items)
+        if wanted <= 0:
+            return Claim(items=[], pending=batch.pending_items, status=batch.status)
+        rows = list(
+            BatchJobItem.objects.select_for_update(skip_locked=True)
+            .filter(batch_id=batch_id, status=ItemStatus.PENDING)
+            .order_by("index")
+            .values_list("id", "index", "params", "attempts")[:wanted]
+        )
+        now = timezone.now()
+        BatchJobItem.objects.filter(pk__in=[row[0] for row in rows]).update(
+            status=ItemStatus.RUNNING,
+            lease_owner=worker_id,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            attempts=F("attempts") + 1,
+            started_at=now,
+            finished_at=None,
+        )
+        batch.running_items += len(rows)
+        if batch.status == BatchStatus.PENDING:
+            batch.status = BatchStatus.RUNNING
+            batch.started_at = now
+        _save_counters(batch)
+        _notify(batch_id, "claimed", [row[0] for row in rows])
+    return Claim(
+        items=[ClaimedItem(id=i, index=x, params=p, attempt=a + 1) for i, x, p, a in rows],
+        pending=batch.pending_items,
+        status=batch.status,
+    )
+
+
+def complete_items(*, batch_id: uuid.UUID, worker_id: str, outcomes: Sequence[Outcome]) -> BatchJob:
+    """Record finished items (succeeded, failed or cancelled) and finalize the batch if done.
+
+    Only items still running under `worker_id`'s lease are written: a late result of an
+    item that was force-cancelled or taken over after its lease expired is discarded.
+    """
+    with transaction.atomic():
+        batch = _lock_batch(batch_id)
+        by_id = {outcome.item_id: outcome for outcome in outcomes}
+        owned = set(
+            BatchJobItem.objects.filter(
+                pk__in=list(by_id), status=ItemStatus.RUNNING, lease_owner=worker_id
+            ).values_list("pk", flat=True)
+        )
+        rows = [
+            BatchJobItem(
+                pk=outcome.item_id,
+                status=outcome.status,
+                result=outcome.result,
+                error=outcome.error,
+                finished_at=outcome.finished_at,
+                lease_owner="",
+                lease_expires_at=None,
+            )
+            for item_id, outcome in by_id.items()
+            if item_id in owned
+        ]
+        BatchJobItem.objects.bulk_update(
+            rows, ["status", "result", "error", "finished_at", "lease_owner", "lease_expires_at"]
+        )
+        _apply_finished(batch, [row.status for row in rows])
+        _finalize_if_done(batch, timezone.now())
+        _save_counters(batch)
+        _notify(batch_id, "completed", sorted(owned))
+    if len(owned) != len(by_id):
+        logger.warning(
+            "discarded late results",
+            extra={"batch_id": str(batch_id), "discarded": len(by_id) - len(owned)},
+        )
+    return batch
+
+
+def _apply_finished(batch: BatchJob, statuses: Iterable[str]) -> None:
+    for status in statuses:
+        batch.running_items -= 1
+        if status == ItemStatus.SUCCEEDED:
+            batch.succeeded_items += 1
+        elif status == ItemStatus.FAILED:
+            batch.failed_items += 1
+        else:
+            batch.cancelled_items += 1
+
+
+def release_items(*, batch_id: uuid.UUID, worker_id: str, item_ids: Sequence[int]) -> int:
+    """Give running items back (graceful shutdown): pending again, the attempt not counted.
+
+    In a cancelling batch they become cancelled instead. Returns how many were released.
+    """
+    with transaction.atomic():
+        batch = _lock_batch(batch_id)
+        items = BatchJobItem.objects.filter(pk__in=list(item_ids), status=ItemStatus.RUNNING, lease_owner=worker_id)
+        now = timezone.now()
+        if batch.status == BatchStatus.CANCELLING:
+            released = items.update(
+                status=ItemStatus.CANCELLED,
+                finished_at=now,
+                lease_owner="",
+                lease_expires_at=None,
+                error="Cancelled while its worker shut down.",
+            )
+            batch.cancelled_items += released
+        else:
+            released = items.update(
+                status=ItemStatus.PENDING,
+                attempts=F("attempts") - 1,
+                started_at=None,
+                lease_owner="",
+                lease_expires_at=None,
+            )
+        batch.running_items -= released
+        _finalize_if_done(batch, now)
+        _save_counters(batch)
+        _notify(batch_id, "released", list(item_ids))
+    return released
+
+
+# --- cancel and resize ----------------------------------------------------------------------
+
+
+def request_cancel(*, batch_id: uuid.UUID, by: Actor = None) -> CancelResult:
+    """Start cancelling: the batch → cancelling, its pending items → cancelled at once.
+
+    Workers see the request (notification, else their poll) and stop the running items
+    cooperatively; the last one to stop moves the batch to cancelled.
+    """
+    with transaction.atomic():
+        try:
+            batch = _lock_batch(batch_id)
+        except BatchJob.DoesNotExist:
+            return CancelResult(CancelOutcome.NOT_FOUND, None)
+        if batch.is_terminal:
+            return CancelResult(CancelOutcome.TERMINAL, batch)
+        if batch.status == BatchStatus.CANCELLING:
+            return CancelResult(CancelOutcome.ALREADY_CANCELLING, batch)
+        now = timezone.now()
+        cancelled = BatchJobItem.objects.filter(batch_id=batch_id, status=ItemStatus.PENDING).update(
+            status=ItemStatus.CANCELLED, finished_at=now
+        )
+        batch.cancelled_items += cancelled
+        batch.status = BatchStatus.CANCELLING
+        batch.cancel_requested_at = now
+        batch.cancel_requested_by = _as_user(by)
+        _finalize_if_done(batch, now)
+        batch.save(update_fields=[*_COUNTER_FIELDS, "cancel_requested_at", "cancel_requested_by"])
+        _notify(batch_id, "cancel")
+    logger.info("batch cancel requested", extra={"batch_id": str(batch_id), "status": batch.status})
+    return CancelResult(CancelOutcome.REQUESTED, batch)
+
+
+def cancel_deadline(batch: BatchJob) -> datetime | None:
+    """When items that ignore cancellation are cancelled by force."""
+    if batch.cancel_requested_at is None:
+        return None
+    return batch.cancel_requested_at + timedelta(seconds=settings.BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS)
+
+
+def resize_batch(*, batch_id: uuid.UUID, max_parallel: int) -> BatchJob | None:
+    """Change `max_parallel` of a batch that has not finished; None if it is terminal.
+
+    Raises BatchJob.DoesNotExist for an unknown id and InvalidValue for a bad value.
+    """
+    if not 1 <= max_parallel <= MAX_PARALLEL_LIMIT:
+        raise InvalidValue("max_parallel", f"Must be between 1 and {MAX_PARALLEL_LIMIT}.")
+    with transaction.atomic():
+        batch = _lock_batch(batch_id)
+        if batch.is_terminal:
+            return None
+        batch.max_parallel = max_parallel
+        batch.save(update_fields=["max_parallel", "updated_at"])
+        _notify(batch_id, "resize")
+    logger.info("batch resized", extra={"batch_id": str(batch_id), "max_parallel": max_parallel})
+    return batch
+
+
+# --- leases and workers ---------------------------------------------------------------------
+
+
+def renew_leases(*, worker_id: str, item_ids: Sequence[int], lease_seconds: float) -> int:
+    """Extend the leases of the items `worker_id` is running, and its own heartbeat.
+
+    Only the ids the worker knows it runs: an item claimed by a transaction whose answer
+    was lost (connection dropped at commit) is left to expire and be taken back.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        BatchWorker.objects.filter(pk=worker_id).update(heartbeat_at=now)
+        return BatchJobItem.objects.filter(
+            pk__in=list(item_ids), status=ItemStatus.RUNNING, lease_owner=worker_id
+        ).update(lease_expires_at=now + timedelta(seconds=lease_seconds))
+
+
+def recover_expired_leases() -> int:
+    """Take back items whose worker stopped renewing their lease.
+
+    Retried (→ pending) while attempts remain, otherwise failed; in a cancelling batch,
+    cancelled. Returns how many items were taken back.
+    """
+    now = timezone.now()
+    batch_ids = set(
+        BatchJobItem.objects.filter(status=ItemStatus.RUNNING, lease_expires_at__lt=now).values_list(
+            "batch_id", flat=True
+        )
+    )
+    return sum(_recover_batch_leases(batch_id, now) for batch_id in batch_ids)
+
+
+def _recover_batch_leases(batch_id: uuid.UUID, now: datetime) -> int:
+    with transaction.atomic():
+        batch = _lock_batch(batch_id)
+        expired = BatchJobItem.objects.filter(batch_id=batch_id, status=ItemStatus.RUNNING, lease_expires_at__lt=now)
+        taken = list(expired.select_for_update().values_list("pk", flat=True))
+        cleared = {"lease_owner": "", "lease_expires_at": None}
+        if batch.status == BatchStatus.CANCELLING:
+            count = expired.update(
+                status=ItemStatus.CANCELLED, finished_at=now, error="Cancelled; its worker was lost.", **cleared
+            )
+            batch.cancelled_items += count
+        else:
+            failed = expired.filter(attempts__gte=batch.max_attempts).update(
+                status=ItemStatus.FAILED,
+                finished_at=now,
+                error=f"Its worker was lost (lease expired) on the last of {batch.max_attempts} attempts.",
+                **cleared,
+            )
+            batch.failed_items += failed
+            count = failed + expired.update(status=ItemStatus.PENDING, started_at=None, **cleared)
+        batch.running_items -= count
+        _finalize_if_done(batch, now)
+        _save_counters(batch)
+        _notify(batch_id, "recovered", taken)
+    if count:
+        logger.warning("recovered expired leases", extra={"batch_id": str(batch_id), "items": count})
+    return count
+
+
+def register_worker(*, worker_id: str, hostname: str, pid: int, concurrency: int, lease_seconds: float) -> None:
+    """Record a starting worker; refuse an id whose holder still heartbeats.
+
+    Raises InvalidValue when another live worker already uses `worker_id`.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        existing = BatchWorker.objects.select_for_update().filter(pk=worker_id).first()
+        alive_since = now - timedelta(seconds=lease_seconds)
+        if existing and existing.stopped_at is None and existing.heartbeat_at > alive_since:
+            raise InvalidValue(
+                "worker_id", f"worker id {worker_id!r} is in use by pid {existing.pid} on {existing.hostname}"
+            )
+        BatchWorker.objects.update_or_create(
+            pk=worker_id,
+            defaults={
+                "hostname": hostname,
+                "pid": pid,
+                "concurrency": concurrency,
+                "heartbeat_at": now,
+                "started_at": now,
+                "stopped_at": None,
+            },
+        )
+
+
+def unregister_worker(*, worker_id: str) -> None:
+    BatchWorker.objects.filter(pk=worker_id).update(stopped_at=timezone.now())

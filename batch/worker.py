@@ -1,0 +1,259 @@
+"""The long-running loop behind `manage.py runbatch`.
+
+It finds runnable batches and hands each to a `BatchRunner`, keeps the leases of its running
+items alive, takes back items of workers that died, applies cancel and resize requests made
+by any process (PostgreSQL notifications wake it at once; polling the database is the
+fallback that always works), and shuts down in two stages: the first SIGINT/SIGTERM stops
+claiming and lets running items finish within the drain timeout, then gives the rest back;
+a second signal gives them back at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import uuid
+from collections.abc import Awaitable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from django.conf import settings
+from django.utils import timezone
+
+from batch import selectors, services
+from batch.handlers import UnknownHandler, get_handler
+from batch.models import TERMINAL_BATCH_STATUSES, BatchStatus
+from batch.notify import listen_for_control
+from batch.runner import BatchRunner, Limiter
+from batch.store import DatabaseStore, call_db
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: str
+    concurrency: int
+    poll_interval: float
+    lease_seconds: float
+    heartbeat_seconds: float
+    drain_timeout: float
+    item_timeout: float | None
+    only_batch: uuid.UUID | None = None
+    exit_when_idle: bool = False
+    handle_signals: bool = True
+
+    @classmethod
+    def from_settings(cls, **overrides: Any) -> WorkerConfig:
+        config = cls(
+            worker_id=f"{socket.gethostname()}-{os.getpid()}",
+            concurrency=settings.BATCH_WORKER_CONCURRENCY,
+            poll_interval=settings.BATCH_POLL_INTERVAL_SECONDS,
+            lease_seconds=settings.BATCH_LEASE_SECONDS,
+            heartbeat_seconds=settings.BATCH_HEARTBEAT_SECONDS,
+            drain_timeout=settings.BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS,
+            item_timeout=settings.BATCH_ITEM_TIMEOUT_SECONDS or None,
+        )
+        return replace(config, **{key: value for key, value in overrides.items() if value is not None})
+
+
+class Observer(Protocol):
+    """Called on every watch tick, and once more with final=True when the worker stops."""
+
+    def __call__(self, worker: Worker, *, final: bool = False) -> Awaitable[None]: ...
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, *, observer: Observer | None = None) -> None:
+        self.config = config
+        self.observer = observer
+        self.runners: dict[uuid.UUID, BatchRunner] = {}
+        self.slots = Limiter(config.concurrency)
+        self.executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="batch-handler")
+        self._stopping = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._wakeup = asyncio.Event()  # the dispatch loop's
+        self._watch_wakeup = asyncio.Event()
+        self._signals = 0
+        self._unknown_handlers: set[uuid.UUID] = set()
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Work until stopped (signal, `stop()`, or idle with `exit_when_idle`/`only_batch`)."""
+        config = self.config
+        await call_db(
+            services.register_worker,
+            worker_id=config.worker_id,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            concurrency=config.concurrency,
+            lease_seconds=config.lease_seconds,
+        )
+        logger.info("worker started", extra={"worker_id": config.worker_id, "concurrency": config.concurrency})
+        if config.handle_signals:
+            self._install_signal_handlers()
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._heartbeat_loop())
+                group.create_task(self._watch_loop())
+                group.create_task(listen_for_control(self.wake, self._closed))
+                await self._dispatch_loop(group)
+                await self._drain()
+                self._closed.set()
+            if self.observer is not None:
+                await self.observer(self, final=True)
+        finally:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            await call_db(services.unregister_worker, worker_id=config.worker_id)
+            logger.info("worker stopped", extra={"worker_id": config.worker_id})
+
+    def stop(self) -> None:
+        """First call: stop claiming and drain. Second call: give running items back now."""
+        self._signals += 1
+        self._stopping.set()
+        for runner in self.runners.values():
+            if self._signals == 1:
+                runner.stop_claiming()
+            else:
+                runner.abort()
+        self.wake()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+        self._watch_wakeup.set()
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+
+    def _on_signal(self, signum: int) -> None:
+        logger.info("received %s", signal.Signals(signum).name, extra={"worker_id": self.config.worker_id})
+        self.stop()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout=seconds)
+        self._wakeup.clear()
+
+    # --- finding and running batches ----------------------------------------------------
+
+    async def _dispatch_loop(self, group: asyncio.TaskGroup) -> None:
+        config = self.config
+        while not self._stopping.is_set():
+            exclude = [*self.runners, *self._unknown_handlers]
+            found = await call_db(selectors.runnable_batches, exclude=exclude, only=config.only_batch)
+            for batch_id, handler_name, max_parallel in found:
+                self._start(group, batch_id, handler_name, max_parallel)
+            if not self.runners and not found and await self._idle_exit():
+                return
+            await self._sleep(config.poll_interval)
+
+    async def _idle_exit(self) -> bool:
+        if self.config.exit_when_idle:
+            return True
+        if self.config.only_batch is None:
+            return False
+        states = await call_db(selectors.batch_states, [self.config.only_batch])
+        state = states.get(self.config.only_batch)
+        return state is None or state.status in TERMINAL_BATCH_STATUSES
+
+    def _start(self, group: asyncio.TaskGroup, batch_id: uuid.UUID, handler_name: str, max_parallel: int) -> None:
+        try:
+            handler = get_handler(handler_name)
+        except UnknownHandler:
+            logger.error(
+                "no handler %r in this worker; skipping batch", handler_name, extra={"batch_id": str(batch_id)}
+            )
+            self._unknown_handlers.add(batch_id)
+            return
+        runner = BatchRunner(
+            batch_id=batch_id,
+            handler=handler,
+            store=DatabaseStore(
+                batch_id=batch_id, worker_id=self.config.worker_id, lease_seconds=self.config.lease_seconds
+            ),
+            parallel=services.effective_parallel(max_parallel),
+            executor=self.executor,
+            worker_slots=self.slots,
+            item_timeout=self.config.item_timeout,
+            idle_wait=self.config.poll_interval,
+        )
+        self.runners[batch_id] = runner
+        group.create_task(self._run_batch(runner))
+
+    async def _run_batch(self, runner: BatchRunner) -> None:
+        logger.info("batch run started", extra={"batch_id": str(runner.batch_id), "parallel": runner.parallel})
+        try:
+            await runner.run()
+        except Exception:
+            logger.exception("batch run crashed; it will be picked up again", extra={"batch_id": str(runner.batch_id)})
+        finally:
+            del self.runners[runner.batch_id]
+            self.wake()
+        logger.info(
+            "batch run ended",
+            extra={
+                "batch_id": str(runner.batch_id),
+                "started": runner.stats.started,
+                "peak": runner.stats.peak_running,
+            },
+        )
+
+    async def _drain(self) -> None:
+        """Wait for the running items up to the drain timeout, then give the rest back."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout
+        while self.runners and loop.time() < deadline and self._signals < 2:
+            await self._sleep(min(0.1, max(deadline - loop.time(), 0)))
+        for runner in self.runners.values():
+            runner.abort()
+        while self.runners:
+            await self._sleep(0.05)
+
+    # --- watching: cancel, resize, deadlines, leases ------------------------------------
+
+    async def _watch_loop(self) -> None:
+        while not self._closed.is_set():
+            if self.runners:
+                await self._apply_batch_states()
+            if self.observer is not None:
+                await self.observer(self)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._watch_wakeup.wait(), timeout=self.config.poll_interval)
+            self._watch_wakeup.clear()
+
+    async def _apply_batch_states(self) -> None:
+        states = await call_db(selectors.batch_states, list(self.runners))
+        now = timezone.now()
+        for batch_id, runner in list(self.runners.items()):
+            state = states.get(batch_id)
+            if state is None or state.status == BatchStatus.CANCELLING or state.status in TERMINAL_BATCH_STATUSES:
+                runner.cancel()
+            if state is None:
+                continue
+            if state.cancel_deadline is not None and now >= state.cancel_deadline:
+                runner.force_cancel()
+            runner.resize(state.effective_parallel)
+
+    async def _heartbeat_loop(self) -> None:
+        while not self._closed.is_set():
+            running = [item_id for runner in self.runners.values() for item_id in runner.running_item_ids]
+            await call_db(
+                services.renew_leases,
+                worker_id=self.config.worker_id,
+                item_ids=running,
+                lease_seconds=self.config.lease_seconds,
+            )
+            await call_db(services.recover_expired_leases)
+            await self._sleep_unless_closed(self.config.heartbeat_seconds)
+
+    async def _sleep_unless_closed(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closed.wait(), timeout=seconds)

@@ -1,0 +1,262 @@
+"""The runner driven by an in-memory store: no database, deterministic gates, recorded peaks."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from batch.handlers import HandlerSpec, ItemContext
+from batch.models import ItemStatus
+from batch.runner import BatchRunner, Limiter
+from batch.services import Claim, ClaimedItem, Outcome, effective_parallel
+
+TIMEOUT = 10
+
+
+class MemoryStore:
+    """A BatchStore over a list; records every claim size and every outcome."""
+
+    def __init__(self, count: int) -> None:
+        self.pending = [ClaimedItem(id=i, index=i, params={"i": i}, attempt=1) for i in range(count)]
+        self.claims: list[int] = []
+        self.outcomes: dict[int, Outcome] = {}
+        self.released: list[int] = []
+        self.status = "running"
+
+    async def claim(self, limit: int) -> Claim:
+        self.claims.append(limit)
+        if self.status != "running":
+            return Claim(items=[], pending=0, status=self.status)
+        taken, self.pending = self.pending[:limit], self.pending[limit:]
+        return Claim(items=taken, pending=len(self.pending), status=self.status)
+
+    async def complete(self, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            assert outcome.item_id not in self.outcomes, "an item completed twice"
+            self.outcomes[outcome.item_id] = outcome
+
+    async def release(self, item_ids: list[int]) -> None:
+        self.released.extend(item_ids)
+
+    def count(self, status: ItemStatus) -> int:
+        return sum(1 for o in self.outcomes.values() if o.status == status)
+
+
+class Probe:
+    """Counts concurrently running handlers. The first `gate_at` to arrive wait for each
+    other, so the recorded peak reaches the cap exactly when the cap is right; before
+    leaving, each yields so any task that the cap failed to hold back starts and is seen."""
+
+    def __init__(self, gate_at: int) -> None:
+        self.gate_at = gate_at
+        self.running = 0
+        self.peak = 0
+        self.calls = 0
+        self.gate = asyncio.Event()
+
+    async def __call__(self, params: dict[str, Any], ctx: ItemContext) -> dict[str, int]:
+        self.calls += 1
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        if self.running >= self.gate_at:
+            self.gate.set()
+        await self.gate.wait()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        self.running -= 1
+        return {"i": params["i"]}
+
+
+def spec(func: Any, *, is_async: bool = True) -> HandlerSpec:
+    return HandlerSpec(name="test", func=func, params=None, is_async=is_async, description="")
+
+
+def runner_for(store: MemoryStore, func: Any, parallel: int, **kwargs: Any) -> BatchRunner:
+    return BatchRunner(
+        batch_id=uuid.uuid4(),
+        handler=spec(func, is_async=kwargs.pop("is_async", True)),
+        store=store,
+        parallel=parallel,
+        executor=kwargs.pop("executor", None) or ThreadPoolExecutor(max_workers=parallel),
+        idle_wait=0.01,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize(("max_parallel", "expected_peak"), [(8, 4), (4, 4), (2, 2), (1, 1)])
+async def test_peak_running_is_exactly_effective_parallel(settings: Any, max_parallel: int, expected_peak: int) -> None:
+    settings.BATCH_GLOBAL_MAX_PARALLEL = 4
+    parallel = effective_parallel(max_parallel)
+    store, probe = MemoryStore(40), Probe(gate_at=expected_peak)
+    await asyncio.wait_for(runner_for(store, probe, parallel).run(), TIMEOUT)
+    assert probe.peak == expected_peak
+    assert store.count(ItemStatus.SUCCEEDED) == 40
+
+
+async def test_a_cap_the_semaphore_does_not_enforce_would_be_caught() -> None:
+    """The probe itself can fail: with 8 slots it records 8, not 4."""
+    store, probe = MemoryStore(40), Probe(gate_at=8)
+    await asyncio.wait_for(runner_for(store, probe, 8).run(), TIMEOUT)
+    assert probe.peak == 8
+
+
+async def test_items_are_claimed_lazily_never_more_than_free_slots() -> None:
+    store, probe = MemoryStore(100), Probe(gate_at=3)
+    await asyncio.wait_for(runner_for(store, probe, 3).run(), TIMEOUT)
+    assert max(store.claims) <= 3
+    assert sum(store.claims) >= 100
+    assert probe.calls == 100
+
+
+async def test_worker_slots_bound_items_across_batches() -> None:
+    shared = Limiter(3)
+    probe = Probe(gate_at=3)
+    first, second = MemoryStore(20), MemoryStore(20)
+    runners = [runner_for(s, probe, 4, worker_slots=shared) for s in (first, second)]
+    async with asyncio.timeout(TIMEOUT), asyncio.TaskGroup() as group:
+        for runner in runners:
+            group.create_task(runner.run())
+    assert probe.peak == 3
+    assert len(first.outcomes) == len(second.outcomes) == 20
+
+
+async def test_handler_exception_fails_only_that_item() -> None:
+    async def flaky(params: dict[str, Any], ctx: ItemContext) -> int:
+        if params["i"] % 5 == 0:
+            raise ValueError(f"bad item {params['i']}")
+        return int(params["i"])
+
+    store = MemoryStore(20)
+    await asyncio.wait_for(runner_for(store, flaky, 4).run(), TIMEOUT)
+    assert store.count(ItemStatus.FAILED) == 4
+    assert store.count(ItemStatus.SUCCEEDED) == 16
+    assert store.outcomes[5].error == "ValueError: bad item 5"
+
+
+async def test_unserializable_result_fails_the_item_not_the_batch() -> None:
+    async def returns_object(params: dict[str, Any], ctx: ItemContext) -> object:
+        return object()
+
+    store = MemoryStore(2)
+    await asyncio.wait_for(runner_for(store, returns_object, 2).run(), TIMEOUT)
+    assert store.count(ItemStatus.FAILED) == 2
+    assert "not JSON serializable" in store.outcomes[0].error
+
+
+async def test_cooperative_cancel_launches_nothing_more_and_stops_running_items() -> None:
+    started = asyncio.Event()
+    calls = 0
+
+    async def waits(params: dict[str, Any], ctx: ItemContext) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            started.set()
+        await ctx.sleep(3600)
+
+    store = MemoryStore(50)
+    runner = runner_for(store, waits, 2)
+    task = asyncio.create_task(runner.run())
+    await asyncio.wait_for(started.wait(), TIMEOUT)
+    store.status = "cancelling"
+    runner.cancel()
+    await asyncio.wait_for(task, TIMEOUT)
+    assert calls == 2
+    assert store.count(ItemStatus.CANCELLED) == 2
+    assert all(o.error == "Cancelled at a checkpoint." for o in store.outcomes.values())
+
+
+async def test_force_cancel_stops_a_handler_that_ignores_cancellation() -> None:
+    started = asyncio.Event()
+
+    async def stubborn(params: dict[str, Any], ctx: ItemContext) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    store = MemoryStore(1)
+    runner = runner_for(store, stubborn, 1)
+    task = asyncio.create_task(runner.run())
+    await asyncio.wait_for(started.wait(), TIMEOUT)
+    runner.cancel()
+    await asyncio.sleep(0.05)
+    assert not task.done(), "a non-cooperative handler keeps running after a cooperative cancel"
+    runner.force_cancel()
+    await asyncio.wait_for(task, TIMEOUT)
+    assert store.outcomes[0].status == ItemStatus.CANCELLED
+    assert "by force" in store.outcomes[0].error
+
+
+async def test_abort_gives_running_items_back() -> None:
+    started = asyncio.Event()
+
+    async def long(params: dict[str, Any], ctx: ItemContext) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    store = MemoryStore(5)
+    runner = runner_for(store, long, 2)
+    task = asyncio.create_task(runner.run())
+    await asyncio.wait_for(started.wait(), TIMEOUT)
+    await asyncio.sleep(0)
+    runner.abort()
+    await asyncio.wait_for(task, TIMEOUT)
+    assert sorted(store.released) == [0, 1]
+    assert store.outcomes == {}
+    assert len(store.pending) == 3
+
+
+async def test_item_timeout_fails_the_item() -> None:
+    async def hangs(params: dict[str, Any], ctx: ItemContext) -> None:
+        await asyncio.Event().wait()
+
+    store = MemoryStore(2)
+    await asyncio.wait_for(runner_for(store, hangs, 2, item_timeout=0.05).run(), TIMEOUT)
+    assert store.count(ItemStatus.FAILED) == 2
+    assert "Timed out" in store.outcomes[0].error
+
+
+async def test_sync_handlers_run_in_the_bounded_pool_off_the_loop() -> None:
+    threads: set[str] = set()
+    lock = threading.Lock()
+    barrier = threading.Barrier(2, timeout=TIMEOUT)
+
+    def blocking(params: dict[str, Any], ctx: ItemContext) -> int:
+        with lock:
+            threads.add(threading.current_thread().name)
+        if params["i"] < 2:
+            barrier.wait()  # both of the first two run at once, on two pool threads
+        return int(params["i"])
+
+    store = MemoryStore(10)
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pool")
+    await asyncio.wait_for(runner_for(store, blocking, 2, is_async=False, executor=pool).run(), TIMEOUT)
+    assert store.count(ItemStatus.SUCCEEDED) == 10
+    assert threading.current_thread().name not in threads
+    assert len(threads) == 2
+
+
+async def test_resize_while_running_changes_the_cap() -> None:
+    limiter = Limiter(4)
+    for _ in range(4):
+        assert limiter.try_acquire()
+    assert not limiter.try_acquire()
+    limiter.resize(2)
+    limiter.release()
+    limiter.release()
+    assert not limiter.try_acquire(), "shrinking to 2 with 2 still held leaves no free slot"
+    limiter.release()
+    assert limiter.try_acquire()
+    limiter.resize(5)
+    assert [limiter.try_acquire() for _ in range(4)] == [True, True, True, False]
+
+
+async def test_shrinking_takes_free_slots_at_once() -> None:
+    limiter = Limiter(4)
+    limiter.resize(1)
+    assert limiter.try_acquire()
+    assert not limiter.try_acquire()
