@@ -12,9 +12,9 @@ import asyncio
 import inspect
 import logging
 import uuid
-from importlib import import_module
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from importlib import import_module
 from typing import Any
 
 from django.conf import settings
