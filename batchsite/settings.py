@@ -86,6 +86,8 @@ def _database(url: str) -> dict[str, Any]:
         if pool_size:
             options.setdefault("pool", {"min_size": 1, "max_size": pool_size, "timeout": 30})
             config["CONN_MAX_AGE"] = 0
+        if env_str("DATABASE_TEST_NAME", ""):
+            config["TEST"] = {"NAME": env_str("DATABASE_TEST_NAME", "")}
     config["OPTIONS"] = options
     return config
 
