@@ -28,6 +28,24 @@ def _conninfo() -> dict[str, object]:
     return info
 
 
+async def _pump_until_closed(
+    conn: psycopg.AsyncConnection[object], on_notify: Callable[[], None], closed: asyncio.Event
+) -> None:
+    async def pump() -> None:
+        async for _ in conn.notifies():
+            on_notify()
+
+    pumping = asyncio.ensure_future(pump())
+    closing = asyncio.ensure_future(closed.wait())
+    try:
+        await asyncio.wait({pumping, closing}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        pumping.cancel()
+        closing.cancel()
+    if pumping.done() and not pumping.cancelled():
+        pumping.result()  # re-raises a lost connection, for the caller to reconnect
+
+
 async def listen_for_control(on_notify: Callable[[], None], closed: asyncio.Event) -> None:
     """Call `on_notify` for every control notification until `closed` is set."""
     if connection.vendor != "postgresql":
@@ -40,9 +58,7 @@ async def listen_for_control(on_notify: Callable[[], None], closed: asyncio.Even
                 await conn.execute(f"LISTEN {CONTROL_CHANNEL}")
                 delay = 0.1
                 on_notify()  # anything sent while we were not listening
-                while not closed.is_set():
-                    async for _ in conn.notifies(timeout=0.5):
-                        on_notify()
+                await _pump_until_closed(conn, on_notify, closed)
         except psycopg.Error as exc:
             logger.warning("notification listener lost its connection, retrying in %.1fs: %s", delay, exc)
             with contextlib.suppress(TimeoutError):

@@ -57,7 +57,7 @@ class SubmitError(Exception):
     """The submission was refused; nothing was written. `errors` is keyed by field."""
 
     def __init__(self, errors: dict[str, Any], *, too_many_items: bool = False) -> None:
-        super().__init__(errors)
+        super().__init__(f"batch submission refused: {', '.join(errors)} invalid")
         self.errors = errors
         self.too_many_items = too_many_items
 

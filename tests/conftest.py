@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import connection
+from asgiref.sync import SyncToAsync
+from django.db import connection, connections
 
 from batch import services
 from batch.models import BatchJob
@@ -67,6 +68,14 @@ def _counter_invariant(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     broken = {str(b.pk): m for b in BatchJob.objects.all() if (m := counter_mismatches(b))}
     assert not broken, f"counter invariant broken: {broken}"
+
+
+@pytest.fixture(autouse=True)
+def _close_sync_thread_connection() -> Iterator[None]:
+    """Async tests reach the database through asgiref's single sync thread; close that
+    thread's connection afterwards so the test database can be flushed and dropped."""
+    yield
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=30)
 
 
 @pytest.fixture

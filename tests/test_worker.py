@@ -1,0 +1,203 @@
+"""The real worker (in this process) against the real database: caps, cancel, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from batch import services
+from batch.handlers import ItemContext, batch_handler
+from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
+from batch.worker import Worker, WorkerConfig
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TIMEOUT = 30
+
+
+class Probe:
+    """Shared state of the test handlers below (one test at a time uses it)."""
+
+    gate_at = 0
+    running = 0
+    peak = 0
+    starts = 0
+    gate: asyncio.Event | None = None
+    started: asyncio.Event | None = None
+
+    @classmethod
+    def reset(cls, gate_at: int = 0) -> None:
+        cls.gate_at, cls.running, cls.peak, cls.starts = gate_at, 0, 0, 0
+        cls.gate, cls.started = asyncio.Event(), asyncio.Event()
+
+
+@batch_handler("test.cap_probe")
+async def cap_probe(params: dict[str, Any], ctx: ItemContext) -> None:
+    """The first `gate_at` items wait for each other; each then yields so that anything the
+    cap failed to hold back gets to start and be counted in the peak."""
+    assert Probe.gate is not None
+    Probe.running += 1
+    Probe.peak = max(Probe.peak, Probe.running)
+    if Probe.running >= Probe.gate_at:
+        Probe.gate.set()
+    await Probe.gate.wait()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    Probe.running -= 1
+
+
+@batch_handler("test.waits")
+async def waits(params: dict[str, Any], ctx: ItemContext) -> None:
+    """Counts starts, signals when `params['signal_at']` have started, then waits for cancel
+    (cooperatively, or ignoring it when `stubborn`)."""
+    assert Probe.started is not None
+    Probe.starts += 1
+    if Probe.starts >= params.get("signal_at", 1):
+        Probe.started.set()
+    if params.get("stubborn"):
+        await asyncio.sleep(3600)
+    await ctx.sleep(3600)
+
+
+def config(**overrides: Any) -> WorkerConfig:
+    base = {
+        "worker_id": f"test-{uuid.uuid4().hex[:8]}",
+        "handle_signals": False,
+        "exit_when_idle": True,
+        "poll_interval": 0.05,
+        "heartbeat_seconds": 0.5,
+    }
+    return WorkerConfig.from_settings(**{**base, **overrides})
+
+
+async def run_worker(**overrides: Any) -> Worker:
+    worker = Worker(config(**overrides))
+    await asyncio.wait_for(worker.run(), TIMEOUT)
+    return worker
+
+
+async def refreshed(batch: BatchJob) -> BatchJob:
+    return await BatchJob.objects.aget(pk=batch.pk)
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = TIMEOUT) -> None:
+    async with asyncio.timeout(timeout):
+        while not await predicate():
+            await asyncio.sleep(0.01)
+
+
+submit = sync_to_async(lambda **kw: services.submit_batch(**kw).batch)
+
+
+@pytest.mark.parametrize(("max_parallel", "expected_peak"), [(8, 4), (2, 2)])
+async def test_semaphore_cap_holds_exactly(settings: Any, max_parallel: int, expected_peak: int) -> None:
+    """The load-bearing one: peak running = min(max_parallel, global cap 4), never more."""
+    settings.BATCH_GLOBAL_MAX_PARALLEL = 4
+    Probe.reset(gate_at=expected_peak)
+    batch = await submit(handler="test.cap_probe", items=[{}] * 24, max_parallel=max_parallel)
+    await run_worker(concurrency=16)
+    batch = await refreshed(batch)
+    assert Probe.peak == expected_peak
+    assert (batch.status, batch.succeeded_items) == (BatchStatus.SUCCEEDED, 24)
+
+
+async def test_cooperative_cancel_stops_running_items_and_starts_no_more() -> None:
+    Probe.reset()
+    batch = await submit(handler="test.waits", items=[{"signal_at": 2}] * 20, max_parallel=2)
+    worker = asyncio.create_task(run_worker())
+    assert Probe.started is not None
+    await asyncio.wait_for(Probe.started.wait(), TIMEOUT)
+    result = await sync_to_async(services.request_cancel)(batch_id=batch.id)
+    assert result.batch is not None
+    assert (result.batch.status, result.batch.cancelled_items) == (BatchStatus.CANCELLING, 18)
+    await asyncio.wait_for(worker, TIMEOUT)
+    batch = await refreshed(batch)
+    assert (batch.status, batch.cancelled_items, batch.running_items) == (BatchStatus.CANCELLED, 20, 0)
+    assert Probe.starts == 2
+    assert not await BatchJobItem.objects.filter(batch=batch, started_at__gt=batch.cancel_requested_at).aexists()
+
+
+async def test_handler_ignoring_cancel_is_cancelled_by_force_after_the_drain(settings: Any) -> None:
+    settings.BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS = 0.5
+    Probe.reset()
+    batch = await submit(handler="test.waits", items=[{"stubborn": True}], max_parallel=1)
+    worker = Worker(config(exit_when_idle=False, only_batch=batch.id))
+    task = asyncio.create_task(worker.run())
+    assert Probe.started is not None
+    await asyncio.wait_for(Probe.started.wait(), TIMEOUT)
+    await sync_to_async(services.request_cancel)(batch_id=batch.id)
+    await wait_until(lambda: _cancel_seen(worker, batch.id))
+    assert (await refreshed(batch)).status == BatchStatus.CANCELLING, "still draining: the handler ignores cancel"
+    await asyncio.wait_for(task, TIMEOUT)
+    batch = await refreshed(batch)
+    assert (batch.status, batch.cancelled_items) == (BatchStatus.CANCELLED, 1)
+    assert batch.finished_at is not None and batch.cancel_requested_at is not None
+    assert (batch.finished_at - batch.cancel_requested_at).total_seconds() >= 0.5
+    item = await BatchJobItem.objects.aget(batch=batch)
+    assert "by force" in item.error
+
+
+async def _cancel_seen(worker: Worker, batch_id: uuid.UUID) -> bool:
+    runner = worker.runners.get(batch_id)
+    return runner is not None and runner.cancel_event.is_set()
+
+
+async def test_failing_items_fail_alone_and_the_batch_ends_failed() -> None:
+    items = [{"seconds": 0, "fail": i % 4 == 0} for i in range(12)]
+    batch = await submit(handler="demo.sleep", items=items, max_parallel=4)
+    await run_worker()
+    batch = await refreshed(batch)
+    assert (batch.status, batch.succeeded_items, batch.failed_items) == (BatchStatus.FAILED, 9, 3)
+    failed = await BatchJobItem.objects.aget(batch=batch, index=4)
+    assert (failed.status, failed.error) == (ItemStatus.FAILED, "RuntimeError: demo.sleep was asked to fail")
+    assert (await BatchJobItem.objects.aget(batch=batch, index=1)).result == {"slept": 0.0}
+
+
+async def test_sync_forecast_handler_runs_in_the_pool() -> None:
+    batch = await submit(
+        handler="demo.forecast", items=[{"store": f"S{i}", "product": "P1", "horizon": 14} for i in range(6)]
+    )
+    await run_worker()
+    batch = await refreshed(batch)
+    assert (batch.status, batch.succeeded_items) == (BatchStatus.SUCCEEDED, 6)
+    item = await BatchJobItem.objects.aget(batch=batch, index=0)
+    assert len(item.result["forecast"]) == 14
+    assert item.result["best_method"] in {"seasonal_naive", "moving_average"}
+
+
+async def test_resize_reaches_a_running_batch(settings: Any) -> None:
+    settings.BATCH_GLOBAL_MAX_PARALLEL = 4
+    Probe.reset()
+    batch = await submit(handler="test.waits", items=[{"signal_at": 1}] * 10, max_parallel=1)
+    worker = Worker(config(exit_when_idle=False, only_batch=batch.id))
+    task = asyncio.create_task(worker.run())
+    assert Probe.started is not None
+    await asyncio.wait_for(Probe.started.wait(), TIMEOUT)
+    await sync_to_async(services.resize_batch)(batch_id=batch.id, max_parallel=3)
+    await wait_until(lambda: _running_is(batch, 3))
+    assert Probe.starts == 3
+    await sync_to_async(services.request_cancel)(batch_id=batch.id)
+    await asyncio.wait_for(task, TIMEOUT)
+
+
+async def _running_is(batch: BatchJob, count: int) -> bool:
+    return (await refreshed(batch)).running_items == count
+
+
+async def test_stop_drains_then_gives_unfinished_items_back() -> None:
+    Probe.reset()
+    batch = await submit(handler="test.waits", items=[{"signal_at": 2, "stubborn": True}] * 5, max_parallel=2)
+    worker = Worker(config(exit_when_idle=False, drain_timeout=0.2))
+    task = asyncio.create_task(worker.run())
+    assert Probe.started is not None
+    await asyncio.wait_for(Probe.started.wait(), TIMEOUT)
+    worker.stop()
+    await asyncio.wait_for(task, TIMEOUT)
+    batch = await refreshed(batch)
+    assert (batch.status, batch.running_items, batch.pending_items) == (BatchStatus.RUNNING, 0, 5)
+    assert not await BatchJobItem.objects.filter(batch=batch, attempts__gt=0).aexists()
