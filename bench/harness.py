@@ -1,0 +1,230 @@
+"""Worker processes, /proc readings and database helpers the scenarios share."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from django.db import connection
+
+from batch.models import TERMINAL_BATCH_STATUSES, BatchJob, BatchWorker
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def database_url() -> str:
+    """DATABASE_URL of the database this process uses (also for the workers it starts)."""
+    params = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{params['NAME']}"
+    user = params.get("USER") or "postgres"
+    password = f":{params['PASSWORD']}" if params.get("PASSWORD") else ""
+    host, port = params.get("HOST") or "127.0.0.1", params.get("PORT") or 5432
+    return f"postgres://{user}{password}@{host}:{port}/{params['NAME']}"
+
+
+def is_postgres() -> bool:
+    return connection.vendor == "postgresql"
+
+
+# --- /proc ----------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc/<pid>/stat."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Peak resident set size (VmHWM) of a live process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+# --- workers --------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerProcess:
+    """One `manage.py runbatch` subprocess with its own application_name and log file."""
+
+    tag: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class WorkerSpec:
+    concurrency: int = 16
+    global_cap: int = 4
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def start_worker(spec: WorkerSpec, log_dir: Path) -> WorkerProcess:
+    tag = f"bench-worker-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url(),
+        "PGAPPNAME": tag,  # libpq default for every connection of the worker, listener included
+        "BATCH_GLOBAL_MAX_PARALLEL": str(spec.global_cap),
+        "DJANGO_LOG_LEVEL": "WARNING",
+        "PYTHONUNBUFFERED": "1",
+        **spec.extra_env,
+    }
+    env.pop("DATABASE_TEST_NAME", None)
+    log_path = log_dir / f"{tag}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "manage.py"), "runbatch", "--progress", "never"]
+            + ["--concurrency", str(spec.concurrency), "--worker-id", tag],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return WorkerProcess(tag=tag, process=process, log_path=log_path)
+
+
+def wait_ready(worker: WorkerProcess, timeout: float = 60.0) -> None:
+    """Until the worker is registered and (PostgreSQL) listening for notifications."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.process.poll() is not None:
+            raise RuntimeError(f"worker {worker.tag} exited early:\n{worker.log_tail()}")
+        if _is_ready(worker):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"worker {worker.tag} not ready after {timeout} s:\n{worker.log_tail()}")
+
+
+def _is_ready(worker: WorkerProcess) -> bool:
+    if not BatchWorker.objects.filter(pk=worker.tag, stopped_at__isnull=True).exists():
+        return False
+    if not is_postgres():
+        return True
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE application_name = %s AND query LIKE 'LISTEN%%'", [worker.tag]
+        )
+        return cursor.fetchone() is not None
+
+
+def stop_worker(worker: WorkerProcess, timeout: float = 30.0) -> None:
+    if worker.process.poll() is None:
+        worker.process.send_signal(signal.SIGTERM)
+        try:
+            worker.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            worker.process.kill()
+            worker.process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def running_workers(specs: list[WorkerSpec]) -> Iterator[list[WorkerProcess]]:
+    """Start the workers together, wait until every one is ready, stop them afterwards."""
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-"))
+    workers = [start_worker(spec, log_dir) for spec in specs]
+    try:
+        for worker in workers:
+            wait_ready(worker)
+        yield workers
+    finally:
+        for worker in workers:
+            stop_worker(worker)
+
+
+# --- database -------------------------------------------------------------------------------
+
+
+def reset_tables() -> None:
+    """Empty the engine's tables: every repetition starts from the same state."""
+    with connection.cursor() as cursor:
+        if is_postgres():
+            cursor.execute("TRUNCATE batch_job_item, batch_job, batch_worker")
+        else:
+            for table in ("batch_job_item", "batch_job", "batch_worker"):
+                cursor.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
+
+
+def wait_terminal(batch_id: uuid.UUID, *, timeout: float, interval: float = 0.01) -> BatchJob:
+    """Poll until the batch is terminal; returns it (with finished_at set by the worker)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = BatchJob.objects.get(pk=batch_id)
+        if batch.status in TERMINAL_BATCH_STATUSES:
+            return batch
+        time.sleep(interval)
+    raise TimeoutError(f"batch {batch_id} not terminal after {timeout} s")
+
+
+def wait_running(batch_id: uuid.UUID, count: int, *, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while BatchJob.objects.get(pk=batch_id).running_items < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"batch {batch_id}: fewer than {count} items running after {timeout} s")
+        time.sleep(0.005)
+
+
+class ConnectionSampler:
+    """Samples pg_stat_activity on its own connection: the most backends an app name held."""
+
+    def __init__(self, app_names: list[str], interval: float = 0.01) -> None:
+        self.app_names = app_names
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-pg-sampler", daemon=True)
+
+    def __enter__(self) -> ConnectionSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        import psycopg
+
+        params = connection.settings_dict
+        with psycopg.connect(
+            dbname=params["NAME"],
+            user=params.get("USER") or "postgres",
+            host=params.get("HOST") or "127.0.0.1",
+            port=params.get("PORT") or 5432,
+            password=params.get("PASSWORD") or None,
+            autocommit=True,
+        ) as conn:
+            while not self._stop.is_set():
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = ANY(%s)", [self.app_names]
+                ).fetchone()
+                self.peak = max(self.peak, int(row[0]) if row else 0)
+                self.samples += 1
+                self._stop.wait(self.interval)

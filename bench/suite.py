@@ -1,0 +1,50 @@
+"""Run scenarios and collect a results document (needs a configured Django)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from bench import SCENARIOS, report
+from bench.client import make_client
+from bench.harness import reset_tables
+from bench.scenarios import build
+
+logger = logging.getLogger(__name__)
+
+
+def run_suite(scenarios: list[str] | None, *, quick: bool = False, repeat: int | None = None) -> dict[str, Any]:
+    """Every case of the chosen scenarios (default all), each repeated; summaries and targets."""
+    catalogue = build(quick=quick, repeat=repeat)
+    client = make_client()
+    results = []
+    for name in scenarios or SCENARIOS:
+        for case in catalogue[name]:
+            logger.info("running %s / %s × %d: %s", case.scenario, case.label, case.repeat, case.description)
+            started = time.monotonic()
+            runs = case.run(client, case.repeat)
+            summary = report.summarize(runs)
+            results.append(
+                {
+                    "scenario": case.scenario,
+                    "label": case.label,
+                    "description": case.description,
+                    "runs": runs,
+                    "summary": summary,
+                    "seconds": round(time.monotonic() - started, 1),
+                }
+            )
+            logger.info("%s / %s: %s", case.scenario, case.label, _brief(summary))
+    reset_tables()
+    return {
+        "environment": report.environment(),
+        "quick": quick,
+        "via": client.via,
+        "results": results,
+        "targets": report.evaluate(results),
+    }
+
+
+def _brief(summary: report.Summary) -> str:
+    return ", ".join(f"{name}={stats['median']:.4g}" for name, stats in summary.items())
