@@ -2,7 +2,7 @@
 
 Each scenario starts its own `manage.py runbatch` worker process(es) against the configured
 database, measures from the outside (wall clock, /proc, pg_stat_activity) and returns plain
-numbers; `bench.report` turns repetitions into medians and min–max, JSON and Markdown.
+numbers; `bench.report` turns repetitions into medians and min-max, JSON and Markdown.
 """
 
 SCENARIOS = ["noop", "sleep", "cancel", "memory", "connections", "submit", "scale"]

@@ -85,6 +85,9 @@ class WorkerSpec:
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
+_RUNBATCH = [sys.executable, str(ROOT / "manage.py"), "runbatch", "--progress", "never"]
+
+
 def start_worker(spec: WorkerSpec, log_dir: Path) -> WorkerProcess:
     tag = f"bench-worker-{uuid.uuid4().hex[:8]}"
     env = {
@@ -100,8 +103,7 @@ def start_worker(spec: WorkerSpec, log_dir: Path) -> WorkerProcess:
     log_path = log_dir / f"{tag}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, str(ROOT / "manage.py"), "runbatch", "--progress", "never"]
-            + ["--concurrency", str(spec.concurrency), "--worker-id", tag],
+            [*_RUNBATCH, "--concurrency", str(spec.concurrency), "--worker-id", tag],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -168,7 +170,7 @@ def reset_tables() -> None:
             cursor.execute("TRUNCATE batch_job_item, batch_job, batch_worker")
         else:
             for table in ("batch_job_item", "batch_job", "batch_worker"):
-                cursor.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
+                cursor.execute(f"DELETE FROM {table}")
 
 
 def wait_terminal(batch_id: uuid.UUID, *, timeout: float, interval: float = 0.01) -> BatchJob:

@@ -1,4 +1,4 @@
-"""Summaries (median, min–max, p99), targets, machine description, JSON and Markdown."""
+"""Summaries (median, min-max, p99), targets, machine description, JSON and Markdown."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ TARGETS = [
     Target("sleep", "wall / ideal (median)", "<=", 1.02),
     Target("cancel", "latency p50 (ms)", "<=", 50),
     Target("cancel", "latency p99 (ms)", "<=", 200),
-    Target("memory", "peak RSS big − small batch (MiB, medians)", "<=", 15),
+    Target("memory", "peak RSS big - small batch (MiB, medians)", "<=", 15),
     Target("connections", "max connections at parallel 4 (max over runs)", "<=", 4),
     Target("submit", "big batch: seconds (median)", "<=", 5),
     Target("scale", "2 workers / 1 worker items/s (medians)", ">=", 1.6),
@@ -102,10 +102,13 @@ def evaluate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         targets = [t for t in TARGETS if t.scenario == scenario]
         for target, value in zip(targets, _measured(scenario, cases), strict=False):
             met = None if value is None else (value >= target.goal if target.op == ">=" else value <= target.goal)
-            rows.append({"scenario": scenario, "target": target.label, "op": target.op, "goal": target.goal} | {
-                "measured": value,
-                "met": met,
-            })
+            rows.append(
+                {"scenario": scenario, "target": target.label, "op": target.op, "goal": target.goal}
+                | {
+                    "measured": value,
+                    "met": met,
+                }
+            )
     return rows
 
 
@@ -170,7 +173,7 @@ _SHOWN = {
 
 def _fmt(value: float | None) -> str:
     if value is None:
-        return "–"
+        return "-"
     if abs(value) >= 100:
         return f"{value:,.0f}"
     return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
@@ -184,7 +187,7 @@ def markdown(document: dict[str, Any]) -> str:
         f"Versions: Python {env['python']}, Django {env['django']}, {env['database']}; commit {env['commit']}; "
         f"{env['date']}; submit/cancel via {document['via']}",
         "",
-        "| scenario | case | metric | median | min – max | p99 | runs |",
+        "| scenario | case | metric | median | min - max | p99 | runs |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
     for case in document["results"]:
@@ -194,14 +197,13 @@ def markdown(document: dict[str, Any]) -> str:
                 continue
             lines.append(
                 f"| {case['scenario']} | {case['label']} | {metric} | {_fmt(stats['median'])} | "
-                f"{_fmt(stats['min'])} – {_fmt(stats['max'])} | {_fmt(stats['p99'])} | {int(stats['n'])} |"
+                f"{_fmt(stats['min'])} - {_fmt(stats['max'])} | {_fmt(stats['p99'])} | {int(stats['n'])} |"
             )
     lines += ["", "| target | goal | measured | met |", "|---|---:|---:|:---:|"]
     for row in document["targets"]:
-        met = {True: "yes", False: "**no**", None: "–"}[row["met"]]
-        lines.append(
-            f"| {row['scenario']}: {row['target']} | {row['op']} {_fmt(row['goal'])} | {_fmt(row['measured'])} | {met} |"
-        )
+        met = {True: "yes", False: "**no**", None: "-"}[row["met"]]
+        goal = f"{row['op']} {_fmt(row['goal'])}"
+        lines.append(f"| {row['scenario']}: {row['target']} | {goal} | {_fmt(row['measured'])} | {met} |")
     return "\n".join(lines) + "\n"
 
 

@@ -10,7 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench import SCENARIOS
+from batch import services
+from batch.models import BatchStatus
 from bench.client import Client
 from bench.harness import (
     ConnectionSampler,
@@ -24,8 +25,6 @@ from bench.harness import (
     wait_running,
     wait_terminal,
 )
-from batch import services
-from batch.models import BatchStatus
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +59,8 @@ def _measure_batch(
     submitted = time.time()
     batch = wait_terminal(batch_id, timeout=TERMINAL_TIMEOUT)
     cpu = sum(cpu_seconds(w.pid) for w in workers) - cpu_before
-    assert batch.finished_at is not None and batch.started_at is not None
+    assert batch.finished_at is not None
+    assert batch.started_at is not None
     count = len(items)
     wall = batch.finished_at.timestamp() - started
     return {
@@ -220,8 +220,7 @@ def build(*, quick: bool, repeat: int | None) -> dict[str, list[Case]]:
             Case("submit", f"{sub_big}", _submit(sub_big), reps(3), f"submit {sub_big} noop items"),
         ],
         "scale": [
-            Case("scale", f"{n} worker{'s' if n > 1 else ''}", _noop(noop, 32, workers=n), reps(3), f"{noop} noop, cap 32")
+            Case("scale", f"{n} worker(s)", _noop(noop, 32, workers=n), reps(3), f"{noop} noop, cap 32, {n} workers")
             for n in (1, 2, 3)
         ],
     }
-

@@ -21,7 +21,7 @@ def run_suite(scenarios: list[str] | None, *, quick: bool = False, repeat: int |
     results = []
     for name in scenarios or SCENARIOS:
         for case in catalogue[name]:
-            logger.info("running %s / %s × %d: %s", case.scenario, case.label, case.repeat, case.description)
+            logger.info("running %s / %s x %d: %s", case.scenario, case.label, case.repeat, case.description)
             started = time.monotonic()
             runs = case.run(client, case.repeat)
             summary = report.summarize(runs)
