@@ -137,7 +137,7 @@ class BatchJobItem(models.Model):
 
     class Meta:
         db_table = "batch_job_item"
-        ordering = ["batch", "index"]
+        ordering = ["batch_id", "index"]
         verbose_name = "batch item"
         constraints = [
             models.UniqueConstraint(fields=["batch", "index"], name="batch_job_item_batch_index_unique"),

@@ -159,9 +159,15 @@ def _save_counters(batch: BatchJob) -> None:
     batch.save(update_fields=_COUNTER_FIELDS)
 
 
-def _notify(batch_id: uuid.UUID, kind: str, item_ids: Sequence[int] = ()) -> None:
-    """After commit: wake workers (PostgreSQL NOTIFY is transactional) and send the signal."""
-    if connection.vendor == "postgresql":
+def _notify(batch_id: uuid.UUID, kind: str, item_ids: Sequence[int] = (), *, wake: bool = True) -> None:
+    """Tell the world about a change, once the transaction commits.
+
+    `batch_changed` always fires (the dashboard's events). With `wake`, PostgreSQL also
+    delivers `kind:batch_id` on the control channel (NOTIFY is transactional) to workers and
+    cancel waiters; the per-item hot path (claims, completions that don't end the batch)
+    does not wake anyone, or every worker would re-poll on every item.
+    """
+    if wake and connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_notify(%s, %s)", [CONTROL_CHANNEL, f"{kind}:{batch_id}"])
     ids = list(item_ids)
@@ -322,7 +328,7 @@ def claim_items(*, batch_id: uuid.UUID, worker_id: str, limit: int, lease_second
             batch.status = BatchStatus.RUNNING
             batch.started_at = now
         _save_counters(batch)
-        _notify(batch_id, "claimed", [row[0] for row in rows])
+        _notify(batch_id, "claimed", [row[0] for row in rows], wake=False)
     return Claim(
         items=[ClaimedItem(id=i, index=x, params=p, attempt=a + 1) for i, x, p, a in rows],
         pending=batch.pending_items,
@@ -363,7 +369,7 @@ def complete_items(*, batch_id: uuid.UUID, worker_id: str, outcomes: Sequence[Ou
         _apply_finished(batch, [row.status for row in rows])
         _finalize_if_done(batch, timezone.now())
         _save_counters(batch)
-        _notify(batch_id, "completed", sorted(owned))
+        _notify(batch_id, "finished" if batch.is_terminal else "completed", sorted(owned), wake=batch.is_terminal)
     if len(owned) != len(by_id):
         logger.warning(
             "discarded late results",
