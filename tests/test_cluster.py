@@ -12,8 +12,7 @@ import pytest
 
 from batch import services
 from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
-from tests import cluster_handlers  # noqa: F401  (registers cluster.sleep in this process too)
-from tests.cluster_handlers import peak_concurrency
+from tests.cluster_handlers import Event, peak_concurrency  # importing registers cluster.sleep
 from tests.cluster_support import Cluster, wait_until
 from tests.conftest import worker_log
 
@@ -30,7 +29,7 @@ def submit(count: int, seconds: float, *, max_parallel: int, cooperative: bool =
     return services.submit_batch(handler="cluster.sleep", items=items, max_parallel=max_parallel).batch
 
 
-def test_three_workers_hold_the_cluster_wide_cap_exactly(cluster: Cluster) -> None:
+def test_three_workers_hold_the_cluster_wide_cap_exactly(cluster: Cluster, record_property: Any) -> None:
     cluster.start_many(3)
     batch = submit(300, 0.02, max_parallel=4)
 
@@ -38,6 +37,7 @@ def test_three_workers_hold_the_cluster_wide_cap_exactly(cluster: Cluster) -> No
 
     events = cluster.events()
     starts = Counter(e.index for e in events if e.kind == "start")
+    record_property("cluster_peak", peak_concurrency(events))
     assert batch.status == BatchStatus.SUCCEEDED, cluster.logs()
     assert peak_concurrency(events) == 4
     assert sorted(starts) == list(range(300)) and set(starts.values()) == {1}, "every item runs exactly once"
@@ -46,7 +46,7 @@ def test_three_workers_hold_the_cluster_wide_cap_exactly(cluster: Cluster) -> No
     assert batch.succeeded_items == 300 and batch.running_items == 0
 
 
-def test_cancel_reaches_every_worker_and_nothing_starts_after_it(cluster: Cluster) -> None:
+def test_cancel_reaches_every_worker_and_nothing_starts_after_it(cluster: Cluster, record_property: Any) -> None:
     cluster.start_many(3, BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS="5")
     batch = submit(200, 0.3, max_parallel=6)
     wait_until(lambda: len({e.worker for e in cluster.events()}) == 3, timeout=15, what="items on all workers")
@@ -56,6 +56,7 @@ def test_cancel_reaches_every_worker_and_nothing_starts_after_it(cluster: Cluste
 
     assert batch.cancel_requested_at is not None
     drained = (batch.finished_at - batch.cancel_requested_at).total_seconds()  # type: ignore[operator]
+    record_property("cancel_drain_seconds", round(drained, 3))
     assert drained < 5, f"drained in {drained:.2f}s, past the 5 s drain timeout"
     started = BatchJobItem.objects.filter(batch=batch, started_at__isnull=False)
     assert not started.filter(started_at__gt=batch.cancel_requested_at).exists(), "an item was claimed after cancel"
@@ -68,11 +69,11 @@ def test_cancel_reaches_every_worker_and_nothing_starts_after_it(cluster: Cluste
     assert batch.cancelled_items == 200 - batch.succeeded_items
 
 
-def _all_ended(events: list[cluster_handlers.Event]) -> bool:
+def _all_ended(events: list[Event]) -> bool:
     return Counter(e.kind for e in events)["start"] == Counter(e.kind for e in events)["end"]
 
 
-def test_small_batch_is_not_starved_by_a_large_one(cluster: Cluster) -> None:
+def test_small_batch_is_not_starved_by_a_large_one(cluster: Cluster, record_property: Any) -> None:
     """Bound: the small batch's first item starts within one item of the large batch (0.3 s)
     plus 1 s of submission and notification latency, with a poll interval (2 s) that is
     longer than the bound, so only LISTEN/NOTIFY can meet it."""
@@ -92,6 +93,7 @@ def test_small_batch_is_not_starved_by_a_large_one(cluster: Cluster) -> None:
     cluster.wait_batch(large, (BatchStatus.CANCELLED,), timeout=10)
 
     waited = first.at - submitted
+    record_property("small_batch_wait_seconds", round(waited, 3))
     assert waited < 1.3, f"the small batch waited {waited:.2f}s behind the large one"
     assert large.succeeded_items < 5_000
 
