@@ -149,6 +149,8 @@ class BatchRunner:
     def force_cancel(self) -> None:
         """Past the drain deadline: cancel the item tasks; their items end cancelled."""
         self.cancel()
+        if self._forced:
+            return
         self._forced = True
         for task in self._running.values():
             task.cancel()
@@ -261,7 +263,7 @@ class BatchRunner:
             logger.warning("item failed", exc_info=True, extra={"batch_id": str(self.batch_id), "index": item.index})
             return Outcome(item.id, ItemStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
         try:
-            json.dumps(result)
+            json.dumps(result, allow_nan=False)  # what PostgreSQL's jsonb accepts
         except (TypeError, ValueError) as exc:
             return Outcome(item.id, ItemStatus.FAILED, error=f"Result is not JSON serializable: {exc}")
         return Outcome(item.id, ItemStatus.SUCCEEDED, result=result)

@@ -138,9 +138,10 @@ async def test_handler_exception_fails_only_that_item() -> None:
     assert store.outcomes[5].error == "ValueError: bad item 5"
 
 
-async def test_unserializable_result_fails_the_item_not_the_batch() -> None:
+@pytest.mark.parametrize("bad", [object(), {"x": float("nan")}])
+async def test_unserializable_result_fails_the_item_not_the_batch(bad: object) -> None:
     async def returns_object(params: dict[str, Any], ctx: ItemContext) -> object:
-        return object()
+        return bad
 
     store = MemoryStore(2)
     await asyncio.wait_for(runner_for(store, returns_object, 2).run(), TIMEOUT)
