@@ -61,6 +61,25 @@ def batches_for(user: AbstractBaseUser | AnonymousUser) -> QuerySet[BatchJob]:
     return batches.filter(created_by_id=user.pk)
 
 
+def batch_items(batch_id: uuid.UUID, *, status: str | None = None) -> QuerySet[BatchJobItem]:
+    """Items of a batch in index order, optionally of one status (uses the (batch, index) index)."""
+    items = BatchJobItem.objects.filter(batch_id=batch_id).order_by("index")
+    return items if status is None else items.filter(status=status)
+
+
+def item_count(batch: BatchJob, *, status: str | None = None) -> int:
+    """How many items of `batch` have `status` (all without one), from its counters: no COUNT(*)."""
+    counts: dict[str | None, int] = {
+        None: batch.total_items,
+        ItemStatus.PENDING: batch.pending_items,
+        ItemStatus.RUNNING: batch.running_items,
+        ItemStatus.SUCCEEDED: batch.succeeded_items,
+        ItemStatus.FAILED: batch.failed_items,
+        ItemStatus.CANCELLED: batch.cancelled_items,
+    }
+    return counts[status]
+
+
 def counter_mismatches(batch: BatchJob) -> dict[str, tuple[int, int]]:
     """Counters that differ from the aggregate over the batch's items: {name: (stored, actual)}."""
     actual = {status: 0 for status in ItemStatus.values}

@@ -32,6 +32,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "channels",
     "batch",
 ]
@@ -153,3 +154,41 @@ BATCH_POLL_INTERVAL_SECONDS = env_float("BATCH_POLL_INTERVAL_SECONDS", 0.5, mini
 BATCH_ITEM_TIMEOUT_SECONDS = env_float("BATCH_ITEM_TIMEOUT_SECONDS", 0.0, minimum=0)
 # Extra modules that register handlers, besides each installed app's `batch_handlers`.
 BATCH_HANDLER_MODULES = env_list("BATCH_HANDLER_MODULES", "")
+
+# --- REST API (batch/api) -------------------------------------------------------------------
+# Bodies up to this size are accepted (413 above); 64 MiB fits 100,000 small items.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 64 * 1024 * 1024, minimum=1024)
+BATCH_SUBMIT_THROTTLE_RATE = env_str("BATCH_SUBMIT_THROTTLE_RATE", "120/min")
+REST_FRAMEWORK = {
+    # Token first: DRF takes WWW-Authenticate from the first class, so anonymous calls get 401.
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": [
+        "batch.api.parsers.LimitedJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
+    "DEFAULT_PAGINATION_CLASS": "batch.api.pagination.BatchPagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_SCHEMA_CLASS": "batch.api.schema.ProblemAutoSchema",
+    "EXCEPTION_HANDLER": "batch.api.exceptions.problem_exception_handler",
+    "DEFAULT_THROTTLE_RATES": {"batch_submit": BATCH_SUBMIT_THROTTLE_RATE},
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Batch API",
+    "DESCRIPTION": "Bounded batch execution: submit, inspect, resize and cancel batches. "
+    "Errors are RFC 7807 problem details (application/problem+json).",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+}

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("api/", include("batch.api.urls")),
 ]
+
+handler404 = "batch.api.exceptions.page_not_found"
+handler500 = "batch.api.exceptions.server_error"

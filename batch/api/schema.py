@@ -1,0 +1,33 @@
+"""OpenAPI: every operation documents its problem-details responses (application/problem+json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.openapi import AutoSchema
+
+from batch.api.exceptions import PROBLEM_CONTENT_TYPE
+from batch.api.serializers import DrainTimeoutProblemSerializer, ProblemSerializer
+
+_COMMON = (400, 401, 403, 404, 406, 429)
+_BY_METHOD: dict[str, tuple[int, ...]] = {
+    "POST": (409, 413, 415, 504),
+    "PATCH": (409, 413, 415),
+    "DELETE": (409, 504),
+}
+
+
+class ProblemAutoSchema(AutoSchema):
+    def _get_response_bodies(self, direction: Any = "response") -> dict[str, Any]:
+        responses: dict[str, Any] = super()._get_response_bodies(direction)
+        for code in (*_COMMON, *_BY_METHOD.get(self.method, ())):
+            if self.method == "POST" and code in (409, 504) and getattr(self.view, "action", "") != "cancel":
+                continue
+            if self.method == "POST" and code in (413, 415) and getattr(self.view, "action", "") == "cancel":
+                continue
+            serializer = DrainTimeoutProblemSerializer if code == 504 else ProblemSerializer
+            responses.setdefault(
+                str(code),
+                self._get_response_for_code(serializer, str(code), [PROBLEM_CONTENT_TYPE], direction),  # type: ignore[no-untyped-call]
+            )
+        return responses

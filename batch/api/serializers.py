@@ -1,0 +1,120 @@
+"""Serializers: the contract's batch and item fields, and the shapes of request bodies.
+
+Submission bodies are only parsed here; `services.submit_batch` validates the handler and
+every item (so the API, the admin and the commands refuse the same things).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+from batch.handlers import registered_handlers
+from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
+from batch.services import MAX_PARALLEL_LIMIT
+
+BATCH_FIELDS = [
+    "id",
+    "name",
+    "handler",
+    "status",
+    "max_parallel",
+    "effective_parallel",
+    "total_items",
+    "pending_items",
+    "running_items",
+    "succeeded_items",
+    "failed_items",
+    "cancelled_items",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "cancel_requested_at",
+    "owner",
+    "url",
+    "items_url",
+]
+
+
+class BatchSerializer(serializers.ModelSerializer[BatchJob]):
+    url = serializers.HyperlinkedIdentityField(view_name="batch-detail")
+    items_url = serializers.HyperlinkedIdentityField(view_name="batch-items")
+    effective_parallel = serializers.IntegerField(read_only=True)
+    pending_items = serializers.IntegerField(read_only=True)
+    owner = serializers.CharField(source="created_by.username", read_only=True, allow_null=True, default=None)
+
+    class Meta:
+        model = BatchJob
+        fields = BATCH_FIELDS
+        read_only_fields = BATCH_FIELDS
+
+
+def _handler_help() -> str:
+    return "Registered handler name, e.g. " + ", ".join(registered_handlers()) + "."
+
+
+class BatchSubmitSerializer(serializers.Serializer[dict[str, Any]]):
+    handler = serializers.CharField(max_length=200, help_text="Registered handler name, e.g. demo.sleep.")
+    items = serializers.JSONField(
+        help_text='List of parameter objects, one per item, e.g. [{"seconds": 1}]. '
+        "Item errors are reported under errors.items.<index>.",
+    )
+    max_parallel = serializers.IntegerField(
+        required=False, min_value=1, max_value=MAX_PARALLEL_LIMIT, help_text="Defaults to the global cap."
+    )
+    name = serializers.CharField(required=False, allow_blank=True, max_length=200, default="")
+
+    def get_fields(self) -> dict[str, serializers.Field[Any, Any, Any, Any]]:
+        fields = super().get_fields()
+        fields["handler"].help_text = _handler_help()
+        return fields
+
+
+class BatchResizeSerializer(serializers.Serializer[dict[str, Any]]):
+    max_parallel = serializers.IntegerField(min_value=1, max_value=MAX_PARALLEL_LIMIT)
+
+
+class BatchFilterSerializer(serializers.Serializer[dict[str, Any]]):
+    status = serializers.ChoiceField(choices=BatchStatus.choices, required=False)
+    handler = serializers.CharField(max_length=200, required=False)
+
+
+class ItemFilterSerializer(serializers.Serializer[dict[str, Any]]):
+    status = serializers.ChoiceField(choices=ItemStatus.choices, required=False)
+
+
+class DrainSerializer(serializers.Serializer[dict[str, Any]]):
+    drain_timeout = serializers.FloatField(
+        required=False,
+        min_value=0,
+        max_value=300,
+        help_text="Seconds to wait for the running items to stop (0..300); default BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS.",
+    )
+
+
+class ItemSerializer(serializers.ModelSerializer[BatchJobItem]):
+    class Meta:
+        model = BatchJobItem
+        fields = ["id", "index", "status", "params", "result", "error", "attempts", "started_at", "finished_at"]
+        read_only_fields = fields
+
+
+class ProblemSerializer(serializers.Serializer[dict[str, Any]]):
+    """RFC 7807 problem details (documentation only; fields built in get_fields as
+    `type`, `instance` and `errors` would shadow serializer attributes)."""
+
+    def get_fields(self) -> dict[str, serializers.Field[Any, Any, Any, Any]]:
+        return {
+            "type": serializers.CharField(),
+            "title": serializers.CharField(),
+            "status": serializers.IntegerField(),
+            "detail": serializers.CharField(),
+            "instance": serializers.CharField(),
+            "errors": serializers.JSONField(required=False, help_text="Field errors; item errors keyed by item index."),
+        }
+
+
+class DrainTimeoutProblemSerializer(ProblemSerializer):
+    def get_fields(self) -> dict[str, serializers.Field[Any, Any, Any, Any]]:
+        return {**super().get_fields(), "batch": BatchSerializer(), "running_items": serializers.IntegerField()}

@@ -1,0 +1,20 @@
+"""Routes under /api/: the batch viewset, the OpenAPI schema and its interactive docs."""
+
+from __future__ import annotations
+
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+from rest_framework.routers import DefaultRouter
+
+from batch.api.views import BatchViewSet
+
+router = DefaultRouter()
+router.register("batches", BatchViewSet, basename="batch")
+
+urlpatterns = [
+    path("schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    path("redoc/", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
+    path("auth/", include("rest_framework.urls")),
+    path("", include(router.urls)),
+]
