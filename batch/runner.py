@@ -141,6 +141,10 @@ class BatchRunner:
             self._limiter.resize(parallel)
             self._wakeup.set()
 
+    def wake(self) -> None:
+        """Claim again now: another worker may have freed capacity (released, recovered)."""
+        self._wakeup.set()
+
     def cancel(self) -> None:
         """Cooperative: launch nothing more; running handlers see `ctx.cancelled`."""
         self.cancel_event.set()

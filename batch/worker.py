@@ -125,8 +125,11 @@ class Worker:
         self.wake()
 
     def wake(self) -> None:
+        """A control notification (or a local change): look at the database again now."""
         self._wakeup.set()
         self._watch_wakeup.set()
+        for runner in self.runners.values():
+            runner.wake()
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
