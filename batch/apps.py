@@ -12,3 +12,4 @@ class BatchConfig(AppConfig):
         from batch.handlers import autodiscover
 
         autodiscover()
+        import batch.events  # noqa: F401  (connects the batch_changed receiver)

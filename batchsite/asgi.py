@@ -1,4 +1,8 @@
-"""ASGI entry point: HTTP through Django; WebSocket routing is added by batch.routing."""
+"""ASGI entry point: HTTP through Django, WebSocket through `batch.routing`.
+
+WebSockets authenticate with the Django session (AuthMiddlewareStack) and must come from an
+allowed host (AllowedHostsOriginValidator: the Origin header is checked against ALLOWED_HOSTS).
+"""
 
 from __future__ import annotations
 
@@ -7,4 +11,17 @@ import os
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "batchsite.settings")
-application = get_asgi_application()
+django_application = get_asgi_application()  # sets Django up before the routes import models
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+
+from batch.routing import websocket_urlpatterns  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_application,
+        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+    }
+)

@@ -1,0 +1,62 @@
+"""The live dashboard pages under /admin/batch/dashboard/ (staff only, in the admin's look).
+
+The pages are static shells: `batch/static/batch/dashboard.js` fills them from the
+WebSocket snapshot and events and calls the REST API (session + CSRF) to submit, resize
+and cancel.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.contrib import admin
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import path
+
+from batch.handlers import registered_handlers
+from batch.models import BatchJob
+
+
+def _config(**extra: Any) -> dict[str, Any]:
+    return {
+        "wsPath": "/ws/batches/",
+        "apiBatches": "/api/batches/",
+        "dashboardUrl": "/admin/batch/dashboard/",
+        "changeUrl": "/admin/batch/batchjob/",
+        "globalMaxParallel": settings.BATCH_GLOBAL_MAX_PARALLEL,
+        "drainTimeout": settings.BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS,
+        **extra,
+    }
+
+
+def dashboard(request: HttpRequest) -> HttpResponse:
+    """Every active and recent batch, live; and a small submit form."""
+    context = {
+        **admin.site.each_context(request),
+        "title": "Live dashboard",
+        "handlers": list(registered_handlers()),
+        "config": _config(batchId=None),
+    }
+    return TemplateResponse(request, "admin/batch/dashboard.html", context)
+
+
+def batch_dashboard(request: HttpRequest, batch_id: uuid.UUID) -> HttpResponse:
+    """One batch, live: progress, parallelism, cancel, recent item transitions and failures."""
+    batch = get_object_or_404(BatchJob, pk=batch_id)
+    context = {
+        **admin.site.each_context(request),
+        "title": batch.name or f"Batch {batch.pk.hex[:8]}",
+        "batch": batch,
+        "config": _config(batchId=str(batch.pk)),
+    }
+    return TemplateResponse(request, "admin/batch/dashboard_batch.html", context)
+
+
+urlpatterns = [
+    path("", admin.site.admin_view(dashboard), name="batch_dashboard"),
+    path("<uuid:batch_id>/", admin.site.admin_view(batch_dashboard), name="batch_dashboard_batch"),
+]
