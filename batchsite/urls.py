@@ -6,6 +6,7 @@ from django.contrib import admin
 from django.urls import include, path
 
 urlpatterns = [
+    path("admin/batch/dashboard/", include("batch.dashboard")),
     path("admin/", admin.site.urls),
     path("api/", include("batch.api.urls")),
 ]
