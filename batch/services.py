@@ -327,6 +327,7 @@ def claim_items(*, batch_id: uuid.UUID, worker_id: str, limit: int, lease_second
         if batch.status == BatchStatus.PENDING:
             batch.status = BatchStatus.RUNNING
             batch.started_at = now
+            logger.info("batch started", extra={"batch_id": str(batch_id), "worker_id": worker_id})
         _save_counters(batch)
         _notify(batch_id, "claimed", [row[0] for row in rows], wake=False)
     return Claim(
