@@ -47,6 +47,7 @@ class WorkerConfig:
     only_batch: uuid.UUID | None = None
     exit_when_idle: bool = False
     handle_signals: bool = True
+    summary_interval: float = 60.0  # seconds between summary log lines; 0 turns them off
 
     @classmethod
     def from_settings(cls, **overrides: Any) -> WorkerConfig:
@@ -58,6 +59,7 @@ class WorkerConfig:
             heartbeat_seconds=settings.BATCH_HEARTBEAT_SECONDS,
             drain_timeout=settings.BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS,
             item_timeout=settings.BATCH_ITEM_TIMEOUT_SECONDS or None,
+            summary_interval=settings.BATCH_LOG_SUMMARY_SECONDS,
         )
         return replace(config, **{key: value for key, value in overrides.items() if value is not None})
 
@@ -81,6 +83,7 @@ class Worker:
         self._watch_wakeup = asyncio.Event()
         self._signals = 0
         self._unknown_handlers: set[uuid.UUID] = set()
+        self._finished_by_ended_runs = 0
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -102,6 +105,7 @@ class Worker:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._heartbeat_loop())
                 group.create_task(self._watch_loop())
+                group.create_task(self._summary_loop())
                 group.create_task(listen_for_control(self.wake, self._closed))
                 await self._dispatch_loop(group)
                 await self._drain()
@@ -199,6 +203,7 @@ class Worker:
             logger.exception("batch run crashed; it will be picked up again", extra={"batch_id": str(runner.batch_id)})
         finally:
             del self.runners[runner.batch_id]
+            self._finished_by_ended_runs += runner.stats.finished
             self.wake()
         logger.info(
             "batch run ended",
@@ -260,3 +265,33 @@ class Worker:
     async def _sleep_unless_closed(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._closed.wait(), timeout=seconds)
+
+    # --- operations ---------------------------------------------------------------------
+
+    @property
+    def finished_items(self) -> int:
+        """Items this worker has finished (any outcome) since it started."""
+        return self._finished_by_ended_runs + sum(runner.stats.finished for runner in self.runners.values())
+
+    async def _summary_loop(self) -> None:
+        """One `worker summary` log line per interval: what runs here and how fast."""
+        interval = self.config.summary_interval
+        if interval <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        last_at, last_finished = loop.time(), self.finished_items
+        while not self._closed.is_set():
+            await self._sleep_unless_closed(interval)
+            now, finished = loop.time(), self.finished_items
+            logger.info(
+                "worker summary",
+                extra={
+                    "worker_id": self.config.worker_id,
+                    "batches": len(self.runners),
+                    "running": sum(len(runner.running_item_ids) for runner in self.runners.values()),
+                    "finished": finished - last_finished,
+                    "items_per_s": round((finished - last_finished) / max(now - last_at, 1e-9), 1),
+                    "concurrency": self.config.concurrency,
+                },
+            )
+            last_at, last_finished = now, finished

@@ -155,6 +155,8 @@ BATCH_LEASE_SECONDS = env_float("BATCH_LEASE_SECONDS", 30.0, minimum=1)
 BATCH_HEARTBEAT_SECONDS = env_float("BATCH_HEARTBEAT_SECONDS", 10.0, minimum=0.1)
 BATCH_POLL_INTERVAL_SECONDS = env_float("BATCH_POLL_INTERVAL_SECONDS", 0.5, minimum=0.01)
 BATCH_ITEM_TIMEOUT_SECONDS = env_float("BATCH_ITEM_TIMEOUT_SECONDS", 0.0, minimum=0)
+# `runbatch` logs a `worker summary` line this often (0: never).
+BATCH_LOG_SUMMARY_SECONDS = env_float("BATCH_LOG_SUMMARY_SECONDS", 60.0, minimum=0)
 # Extra modules that register handlers, besides each installed app's `batch_handlers`.
 BATCH_HANDLER_MODULES = env_list("BATCH_HANDLER_MODULES", "")
 

@@ -30,7 +30,7 @@ def submit(count: int, seconds: float, *, max_parallel: int, cooperative: bool =
 
 
 def test_three_workers_hold_the_cluster_wide_cap_exactly(cluster: Cluster, record_property: Any) -> None:
-    cluster.start_many(3)
+    cluster.start_many(3, BATCH_LOG_SUMMARY_SECONDS="0.5")
     batch = submit(300, 0.02, max_parallel=4)
 
     cluster.wait_batch(batch, (BatchStatus.SUCCEEDED, BatchStatus.FAILED), timeout=25)
@@ -44,6 +44,10 @@ def test_three_workers_hold_the_cluster_wide_cap_exactly(cluster: Cluster, recor
     assert len({e.worker for e in events}) == 3, "all three workers took part"
     assert set(BatchJobItem.objects.filter(batch=batch).values_list("attempts", flat=True)) == {1}
     assert batch.succeeded_items == 300 and batch.running_items == 0
+    logs = cluster.logs()
+    assert f"batch started batch_id={batch.id}" in logs
+    assert f"batch finished batch_id={batch.id} status=succeeded total=300" in logs
+    assert f"worker summary worker_id={cluster.worker_id('w1')} batches=" in logs
 
 
 def test_cancel_reaches_every_worker_and_nothing_starts_after_it(cluster: Cluster, record_property: Any) -> None:
