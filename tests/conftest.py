@@ -88,6 +88,44 @@ def submit() -> Callable[..., BatchJob]:
     return _submit
 
 
+# --- API clients (tests/test_api*.py, tests/test_admin.py) ------------------------------------
+
+
+@pytest.fixture
+def make_user(django_user_model: Any) -> Callable[..., Any]:
+    """make_user("alice", is_staff=True): a user with password "pw"."""
+
+    def _make(username: str, **extra: Any) -> Any:
+        return django_user_model.objects.create_user(username=username, password="pw", **extra)
+
+    return _make
+
+
+@pytest.fixture
+def user(make_user: Callable[..., Any]) -> Any:
+    return make_user("alice")
+
+
+@pytest.fixture
+def client_for() -> Callable[[Any], Any]:
+    """client_for(user): a DRF APIClient sending that user's token (None: anonymous)."""
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    def _client(who: Any) -> APIClient:
+        client = APIClient(HTTP_ACCEPT="application/json")
+        if who is not None:
+            client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=who)[0].key}")
+        return client
+
+    return _client
+
+
+@pytest.fixture
+def api_client(client_for: Callable[[Any], Any], user: Any) -> Any:
+    return client_for(user)
+
+
 def database_url_for_subprocess() -> str:
     """DATABASE_URL that points a child process at the test database of this run."""
     params = connection.settings_dict

@@ -15,7 +15,6 @@ from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.views import defaults
 from rest_framework import exceptions, status
 from rest_framework.response import Response
-from rest_framework.views import exception_handler
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +94,9 @@ def _body(exc: exceptions.APIException, instance: str) -> dict[str, Any]:
 
 def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     """DRF's handler, reshaped: every error becomes a problem-details response."""
+    # Imported here: rest_framework.views loads the parser classes, which import this module.
+    from rest_framework.views import exception_handler
+
     request = context.get("request")
     instance = request.get_full_path() if request is not None else ""
     response = exception_handler(_translate(exc), context)
