@@ -27,6 +27,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, help="repetitions per case (cancel: number of cancels)")
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", DEFAULT_URL))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--profile", type=Path, help="record every worker with py-spy into this directory")
     parser.add_argument("--force", action="store_true", help="allow a database without 'bench' in its name")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.scenarios) - set(SCENARIOS))
@@ -71,8 +72,10 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
     prepare_database(args.database_url, force=args.force)
-    from bench import report
+    from bench import harness, report
     from bench.suite import run_suite
+
+    harness.PROFILE_DIR = args.profile
 
     document = run_suite(args.scenarios or None, quick=args.quick, repeat=args.repeat)
     json_path, md_path = report.write(document, args.out)

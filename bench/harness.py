@@ -146,18 +146,35 @@ def stop_worker(worker: WorkerProcess, timeout: float = 30.0) -> None:
             worker.process.wait(timeout=10)
 
 
+PROFILE_DIR: Path | None = None  # set by `--profile`: py-spy records every worker
+
+
 @contextlib.contextmanager
 def running_workers(specs: list[WorkerSpec]) -> Iterator[list[WorkerProcess]]:
     """Start the workers together, wait until every one is ready, stop them afterwards."""
     log_dir = Path(tempfile.mkdtemp(prefix="bench-"))
     workers = [start_worker(spec, log_dir) for spec in specs]
+    profilers: list[subprocess.Popen[bytes]] = []
     try:
         for worker in workers:
             wait_ready(worker)
+        profilers = [_profile(worker, PROFILE_DIR) for worker in workers if PROFILE_DIR is not None]
         yield workers
     finally:
+        for profiler in profilers:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(timeout=60)
         for worker in workers:
             stop_worker(worker)
+
+
+def _profile(worker: WorkerProcess, out_dir: Path) -> subprocess.Popen[bytes]:
+    """py-spy (requirements-dev.txt) sampling the worker into collapsed stacks."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pyspy = Path(sys.executable).with_name("py-spy")
+    command = [str(pyspy), "record", "--pid", str(worker.pid), "--format", "raw", "--rate", "250"]
+    command += ["--output", str(out_dir / f"{worker.tag}.txt"), "--nonblocking"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 # --- database -------------------------------------------------------------------------------
