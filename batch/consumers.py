@@ -7,6 +7,7 @@ snapshot, then the coalesced `batch.updated` / `item.updated` events of `batch.e
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from typing import Any
@@ -36,8 +37,12 @@ class _StaffConsumer(AsyncJsonWebsocketConsumer):
         self.groups.append(group)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any) -> None:
-        """Clients have nothing to say yet: answer pings, ignore everything else safely."""
-        if text_data and text_data.strip() == '"ping"':
+        """Clients only ping (`{"type": "ping"}`); anything else, malformed or not, is ignored."""
+        try:
+            message = json.loads(text_data or "null")
+        except ValueError:
+            message = None
+        if isinstance(message, dict) and message.get("type") == "ping":
             await self.send_json({"type": "pong"})
 
     async def batch_updated(self, event: dict[str, Any]) -> None:

@@ -129,12 +129,13 @@ class Publisher:
             batches = list(BatchJob.objects.select_related("created_by").filter(pk__in=list(dirty)))
             messages: list[Message] = []
             for batch in batches:
-                payload = batch_payload(batch)
-                messages.append((BATCHES_GROUP, {"type": "batch.updated", "batch": payload}))
-                messages.append((batch_group(batch.pk), {"type": "batch.updated", "batch": payload}))
+                # Items first: when a client sees the batch's final state, its items are in.
                 items = _changed_items(list(dirty[batch.pk]))
                 if items:
                     messages.append((batch_group(batch.pk), {"type": "batch.items", "items": items}))
+                payload = batch_payload(batch)
+                messages.append((batch_group(batch.pk), {"type": "batch.updated", "batch": payload}))
+                messages.append((BATCHES_GROUP, {"type": "batch.updated", "batch": payload}))
             return messages
         finally:
             connection.close()
