@@ -62,7 +62,7 @@ def batch_snapshot(batch_id: uuid.UUID) -> dict[str, Any] | None:
     if batch is None:
         return None
     items = BatchJobItem.objects.filter(batch_id=batch_id)
-    recent = items.filter(~Q(status=ItemStatus.PENDING) | Q(attempts__gt=0)).order_by(
+    recent = items.filter(Q(started_at__isnull=False) | Q(attempts__gt=0)).order_by(
         F("finished_at").desc(nulls_first=True), F("started_at").desc(nulls_last=True)
     )[:RECENT_ITEMS]
     failures = items.filter(status=ItemStatus.FAILED).order_by("-finished_at")[:RECENT_ITEMS]

@@ -73,6 +73,10 @@
     return b.succeeded_items + b.failed_items + b.cancelled_items;
   }
 
+  function processed(b) {
+    return b.succeeded_items + b.failed_items;
+  }
+
   function elapsedSeconds(b) {
     if (!b.started_at) return null;
     const end = b.finished_at ? Date.parse(b.finished_at) : Date.now();
@@ -82,16 +86,17 @@
   function rate(entry) {
     const b = entry.data;
     const elapsed = elapsedSeconds(b);
-    if (TERMINAL.has(b.status) || entry.samples.length < 2) return elapsed ? finished(b) / elapsed : null;
+    const average = elapsed ? processed(b) / elapsed : null;
+    if (TERMINAL.has(b.status) || entry.samples.length < 2) return average;
     const first = entry.samples[0];
     const last = entry.samples[entry.samples.length - 1];
-    if (last[0] - first[0] < 1000) return elapsed ? finished(b) / elapsed : null;
+    if (last[0] - first[0] < 1000) return average;
     return ((last[1] - first[1]) * 1000) / (last[0] - first[0]);
   }
 
   function sample(entry) {
     const now = Date.now();
-    entry.samples.push([now, finished(entry.data)]);
+    entry.samples.push([now, processed(entry.data)]);
     while (entry.samples.length > 2 && now - entry.samples[0][0] > RATE_WINDOW_MS) entry.samples.shift();
   }
 
@@ -183,6 +188,7 @@
       box.querySelector("[data-field=requested]").textContent = b.max_parallel + " requested";
     }
     slider.disabled = TERMINAL.has(b.status) || b.status === "cancelling";
+    slider.hidden = TERMINAL.has(b.status);
     box.querySelector("[data-field=effective]").textContent = b.effective_parallel;
     box.querySelector("[data-field=capnote]").textContent =
       b.max_parallel > config.globalMaxParallel ? "(capped at " + config.globalMaxParallel + ")" : "";

@@ -1,0 +1,181 @@
+"""The live dashboard in headless Chromium, against `manage.py serve` (embedded default: one
+process, in-memory channel layer, worker inside): submit, watch, resize, cancel.
+
+Needs Debian's `chromium` (/usr/bin/chromium); Playwright drives it, no browser download.
+The mid-run screenshots land in artifacts/ (kept by CI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, SERVICE_SKIP
+
+CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+ARTIFACTS = ROOT / "artifacts"
+TIMEOUT_MS = 30_000
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, process: subprocess.Popen[str], log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"serve exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    pytest.fail(f"serve did not listen on {port} within {timeout}s:\n{log.read_text()}")
+
+
+@pytest.fixture
+def live_server_url(worker_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    """`manage.py serve` (daphne + worker in one process) on a free port, on the test database."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {key: value for key, value in worker_env.items() if key != "REDIS_URL"}
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "manage.py"), "serve", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    try:
+        wait_for_port(port, process, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@pytest.fixture
+def page(live_server_url: str, django_user_model: Any) -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{SERVICE_SKIP} Chromium at {CHROMIUM} (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    django_user_model.objects.create_superuser("admin", "admin@example.com", "pw")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900}, base_url=live_server_url)
+            page.set_default_timeout(TIMEOUT_MS)
+            yield page
+        finally:
+            browser.close()
+
+
+def login(page: Any) -> None:
+    page.goto("/admin/login/?next=/admin/")
+    page.fill("#id_username", "admin")
+    page.fill("#id_password", "pw")
+    page.click("input[type=submit]")
+    page.click("#batch-dashboard-module a.section")  # the link on the admin index
+    page.wait_for_selector("[data-conn][data-state=live]")
+
+
+def submit_batch(page: Any, *, name: str, params: str, count: int = 1) -> Any:
+    page.select_option("#bd-handler", "demo.sleep")
+    page.fill("#bd-params", params)
+    page.fill("#bd-count", str(count))
+    page.fill("#bd-max-parallel", "4")
+    page.fill("#bd-name", name)
+    page.evaluate("document.querySelector('[data-submit-result]').className = ''")
+    page.click("input[value='Submit batch']")
+    page.wait_for_selector("[data-submit-result].bd-ok")
+    return page.locator("[data-batches] tr", has_text=name)
+
+
+def wait_for_status(page: Any, row: Any, status: str) -> None:
+    page.wait_for_function(
+        "([row, status]) => row.querySelector('[data-field=status]').textContent === status",
+        arg=[row.element_handle(), status],
+    )
+
+
+def finished(row: Any) -> int:
+    return int(row.locator("[data-field=bar]").get_attribute("aria-valuenow") or 0)
+
+
+def test_dashboard_shows_progress_live_and_resizes_and_cancels(page: Any) -> None:
+    login(page)
+    page.evaluate("window.__sameDocument = true")
+    mixed = [{"seconds": 0.05, "fail": index % 5 == 0} for index in range(30)]
+    wait_for_status(page, submit_batch(page, name="mixed results", params=json.dumps(mixed)), "failed")
+    row = submit_batch(page, name="browser test", params='{"seconds": 0.6}', count=120)
+    page.wait_for_function(
+        "row => Number(row.querySelector('[data-field=bar]').getAttribute('aria-valuenow')) >= 8"
+        " && row.querySelector('.bd-seg-running')",
+        arg=row.element_handle(),
+    )
+    first = finished(row)
+    page.wait_for_function(
+        "([row, seen]) => Number(row.querySelector('[data-field=bar]').getAttribute('aria-valuenow')) > seen",
+        arg=[row.element_handle(), first],
+    )
+    assert row.locator("[data-field=status]").inner_text().lower() == "running"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    page.emulate_media(color_scheme="dark")
+    page.screenshot(path=str(ARTIFACTS / "dashboard-dark.png"), full_page=True)
+    page.emulate_media(color_scheme="light")
+
+    assert row.locator("[data-field=effective]").inner_text() == "4"
+    row.locator("input[type=range]").fill("2")
+    page.wait_for_function(
+        "row => row.querySelector('[data-field=effective]').textContent === '2'", arg=row.element_handle()
+    )
+    assert row.locator("[data-field=requested]").inner_text() == "2 requested"
+
+    row.locator("button.bd-cancel").click()
+    dialog = page.locator("[data-cancel-dialog]")
+    assert dialog.is_visible()
+    dialog.locator("[data-cancel-drain]").fill("20")
+    dialog.locator("[data-cancel-confirm]").click()
+    result = dialog.locator("[data-cancel-result][data-kind=ok]")
+    result.wait_for()
+    assert result.inner_text().startswith("Cancelled.")
+    dialog.locator("[data-cancel-close]").click()
+    wait_for_status(page, row, "cancelled")
+    assert page.evaluate("window.__sameDocument") is True  # live updates, never a reload
+    assert page.locator("[data-conn]").get_attribute("data-state") == "live"
+
+    row.locator("[data-field=title]").click()
+    page.wait_for_selector("[data-items] tr[data-status]")
+    page.screenshot(path=str(ARTIFACTS / "dashboard-batch.png"), full_page=True)
+    assert page.locator("[data-batch-card] [data-field=status]").inner_text().lower() == "cancelled"
