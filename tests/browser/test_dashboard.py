@@ -56,35 +56,50 @@ def wait_for_port(port: int, process: subprocess.Popen[str], log: Path, timeout:
     pytest.fail(f"serve did not listen on {port} within {timeout}s:\n{log.read_text()}")
 
 
-@pytest.fixture
-def live_server_url(worker_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+class Server:
     """`manage.py serve` (daphne + worker in one process) on a free port, on the test database."""
-    port = free_port()
-    log = tmp_path / "serve.log"
-    env = {key: value for key, value in worker_env.items() if key != "REDIS_URL"}
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "manage.py"), "serve", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-    try:
-        wait_for_port(port, process, log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env, self.log, self.port = env, log, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        with self.log.open("a") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "manage.py"), "serve", "--port", str(self.port)],
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        wait_for_port(self.port, self.process, self.log)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
         try:
-            process.wait(timeout=20)
+            self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+            self.process.kill()
+            self.process.wait(timeout=10)
 
 
 @pytest.fixture
-def page(live_server_url: str, django_user_model: Any) -> Iterator[Any]:
+def server(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Server]:
+    env = {key: value for key, value in worker_env.items() if key != "REDIS_URL"}  # the embedded default
+    server = Server(env, tmp_path / "serve.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def page(server: Server, django_user_model: Any) -> Iterator[Any]:
     if not CHROMIUM.exists():
         pytest.skip(f"{SERVICE_SKIP} Chromium at {CHROMIUM} (apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
@@ -93,7 +108,7 @@ def page(live_server_url: str, django_user_model: Any) -> Iterator[Any]:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900}, base_url=live_server_url)
+            page = browser.new_page(viewport={"width": 1400, "height": 900}, base_url=server.url)
             page.set_default_timeout(TIMEOUT_MS)
             yield page
         finally:
@@ -132,7 +147,7 @@ def finished(row: Any) -> int:
     return int(row.locator("[data-field=bar]").get_attribute("aria-valuenow") or 0)
 
 
-def test_dashboard_shows_progress_live_and_resizes_and_cancels(page: Any) -> None:
+def test_dashboard_shows_progress_live_and_resizes_and_cancels(page: Any, server: Server) -> None:
     login(page)
     page.evaluate("window.__sameDocument = true")
     mixed = [{"seconds": 0.05, "fail": index % 5 == 0} for index in range(30)]
@@ -174,6 +189,12 @@ def test_dashboard_shows_progress_live_and_resizes_and_cancels(page: Any) -> Non
     wait_for_status(page, row, "cancelled")
     assert page.evaluate("window.__sameDocument") is True  # live updates, never a reload
     assert page.locator("[data-conn]").get_attribute("data-state") == "live"
+
+    server.stop()
+    page.wait_for_selector("[data-conn][data-state=offline]")
+    assert "reconnecting" in page.locator("[data-conn]").inner_text()
+    server.start()
+    page.wait_for_selector("[data-conn][data-state=live]")
 
     row.locator("[data-field=title]").click()
     page.wait_for_selector("[data-items] tr[data-status]")
