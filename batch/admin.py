@@ -1,0 +1,219 @@
+"""Admin for batches and their items: read-only rows; changes only through the services.
+
+Cancel and resize are admin actions guarded by the model's `cancel_batchjob` and
+`resize_batchjob` permissions. Cancelling does not wait for the drain (the API does).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
+
+from batch import services
+from batch.models import BatchJob, BatchJobItem
+
+_SEGMENTS = ("succeeded", "failed", "cancelled", "running", "pending")
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Rows are written by the services only; deleting is for superusers."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return bool(request.user.is_superuser)
+
+
+class ResizeForm(forms.Form):
+    max_parallel = forms.IntegerField(min_value=1, max_value=services.MAX_PARALLEL_LIMIT)
+
+
+def progress_bar(batch: BatchJob) -> SafeString:
+    """Stacked segments (plain HTML/CSS; colours from batch/admin CSS, readable in dark mode)."""
+    total = batch.total_items or 1
+    counts = {name: getattr(batch, f"{name}_items") for name in _SEGMENTS}
+    segments = format_html_join(
+        "",
+        '<span class="batch-seg batch-seg-{}" style="width:{}%" title="{} {}"></span>',
+        ((name, f"{100 * n / total:.2f}", n, name) for name, n in counts.items() if n),
+    )
+    return format_html('<span class="batch-progress" role="img" aria-label="{}">{}</span>', _summary(batch), segments)
+
+
+def _summary(batch: BatchJob) -> str:
+    return (
+        f"{batch.finished_items}/{batch.total_items} done: {batch.succeeded_items} succeeded, "
+        f"{batch.failed_items} failed, {batch.cancelled_items} cancelled, {batch.running_items} running"
+    )
+
+
+def _resize(batch_id: uuid.UUID, max_parallel: int) -> BatchJob | None:
+    try:
+        return services.resize_batch(batch_id=batch_id, max_parallel=max_parallel)
+    except BatchJob.DoesNotExist:  # deleted meanwhile
+        return None
+
+
+@admin.register(BatchJob)
+class BatchJobAdmin(ReadOnlyAdmin):
+    list_display = ["__str__", "status", "progress", "counts", "handler", "owner", "created_at", "duration"]
+    list_filter = ["status", "handler"]
+    search_fields = ["name", "handler"]
+    list_select_related = ["created_by"]
+    actions = ["cancel_batches", "resize_batches"]
+    readonly_fields = [
+        "id",
+        "name",
+        "handler",
+        "status",
+        "progress",
+        "max_parallel",
+        "effective_parallel",
+        "max_attempts",
+        "total_items",
+        "pending_items",
+        "running_items",
+        "succeeded_items",
+        "failed_items",
+        "cancelled_items",
+        "items_link",
+        "owner",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "duration",
+        "cancel_requested_at",
+        "cancel_requested_by",
+        "idempotency_key",
+    ]
+    fields = tuple(readonly_fields)
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[BatchJob], search_term: str
+    ) -> tuple[QuerySet[BatchJob], bool]:
+        """Name and handler contain the term, or the term is the batch's id."""
+        results, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        try:
+            batch_id = uuid.UUID(search_term.strip())
+        except ValueError:
+            return results, may_have_duplicates
+        return results | queryset.filter(pk=batch_id), may_have_duplicates
+
+    @admin.display(description="progress")
+    def progress(self, batch: BatchJob) -> SafeString:
+        return progress_bar(batch)
+
+    @admin.display(description="done / total")
+    def counts(self, batch: BatchJob) -> str:
+        extra = [f"{n} {name}" for name in ("failed", "cancelled", "running") if (n := getattr(batch, f"{name}_items"))]
+        return f"{batch.finished_items} / {batch.total_items}" + (f" ({', '.join(extra)})" if extra else "")
+
+    @admin.display(description="owner", ordering="created_by__username")
+    def owner(self, batch: BatchJob) -> str:
+        return batch.created_by.get_username() if batch.created_by else "—"
+
+    @admin.display(description="duration")
+    def duration(self, batch: BatchJob) -> str:
+        if batch.started_at is None:
+            return "—"
+        seconds = int(((batch.finished_at or timezone.now()) - batch.started_at).total_seconds())
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+    @admin.display(description="items")
+    def items_link(self, batch: BatchJob) -> SafeString:
+        url = reverse("admin:batch_batchjobitem_changelist") + f"?batch__id__exact={batch.pk}"
+        return format_html('<a href="{}">{} items of this batch</a>', url, batch.total_items)
+
+    def has_cancel_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.has_perm("batch.cancel_batchjob"))
+
+    def has_resize_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.has_perm("batch.resize_batchjob"))
+
+    @admin.action(description="Cancel selected batches", permissions=["cancel"])
+    def cancel_batches(self, request: HttpRequest, queryset: QuerySet[BatchJob]) -> None:
+        outcomes = Counter(
+            services.request_cancel(batch_id=pk, by=request.user).outcome
+            for pk in queryset.values_list("pk", flat=True)
+        )
+        cancelled = outcomes[services.CancelOutcome.REQUESTED]
+        self.message_user(request, f"Cancelled {cancelled} batch(es); running items stop at their next checkpoint.")
+        skipped = outcomes[services.CancelOutcome.TERMINAL] + outcomes[services.CancelOutcome.NOT_FOUND]
+        already = outcomes[services.CancelOutcome.ALREADY_CANCELLING]
+        if skipped or already:
+            self.message_user(
+                request,
+                f"{skipped} already finished, {already} already cancelling.",
+                messages.WARNING,
+            )
+
+    @admin.action(description="Change max_parallel of selected batches", permissions=["resize"])
+    def resize_batches(self, request: HttpRequest, queryset: QuerySet[BatchJob]) -> HttpResponse | None:
+        form = ResizeForm(request.POST if "apply" in request.POST else None)
+        if form.is_bound and form.is_valid():
+            value = form.cleaned_data["max_parallel"]
+            resized = [
+                services.resize_batch(batch_id=pk, max_parallel=value) for pk in queryset.values_list("pk", flat=True)
+            ]
+            done = sum(batch is not None for batch in resized)
+            self.message_user(request, f"Set max_parallel={value} on {done} batch(es).")
+            if len(resized) > done:
+                self.message_user(request, f"{len(resized) - done} already finished, unchanged.", messages.WARNING)
+            return None
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Change max_parallel",
+            "opts": self.model._meta,
+            "form": form,
+            "batches": queryset,
+            "action_checkbox_name": ACTION_CHECKBOX_NAME,
+        }
+        return TemplateResponse(request, "admin/batch/batchjob/resize.html", context)
+
+
+@admin.register(BatchJobItem)
+class BatchJobItemAdmin(ReadOnlyAdmin):
+    list_display = ["__str__", "batch_link", "index", "status", "attempts", "started_at", "finished_at", "short_error"]
+    list_filter = ["status"]
+    list_select_related = ["batch"]
+    show_full_result_count = False  # no COUNT(*) over the whole (huge) table
+    list_per_page = 100
+    readonly_fields = [
+        "batch_link",
+        "index",
+        "status",
+        "params",
+        "result",
+        "error",
+        "attempts",
+        "lease_owner",
+        "lease_expires_at",
+        "started_at",
+        "finished_at",
+    ]
+    fields = tuple(readonly_fields)
+
+    @admin.display(description="batch", ordering="batch")
+    def batch_link(self, item: BatchJobItem) -> SafeString:
+        url = reverse("admin:batch_batchjob_change", args=[item.batch_id])
+        return format_html('<a href="{}">{}</a>', url, item.batch)
+
+    @admin.display(description="error")
+    def short_error(self, item: BatchJobItem) -> str:
+        return item.error[:80] + ("…" if len(item.error) > 80 else "")
