@@ -62,12 +62,14 @@ async def connected(staff_cookie: str) -> AsyncIterator[Callable[[str], Any]]:
         await socket.disconnect()
 
 
-async def receive_until(socket: WebsocketCommunicator, done: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+async def receive_until(
+    socket: WebsocketCommunicator, done: Callable[[dict[str, Any]], bool], *, timeout: float = TIMEOUT * 3
+) -> list[dict[str, Any]]:
     """Every message up to and including the first for which `done` is true."""
     messages: list[dict[str, Any]] = []
-    async with asyncio.timeout(TIMEOUT * 3):
+    async with asyncio.timeout(timeout):
         while True:
-            messages.append(await socket.receive_json_from(timeout=TIMEOUT * 3))
+            messages.append(await socket.receive_json_from(timeout=timeout))
             if done(messages[-1]):
                 return messages
 
