@@ -36,7 +36,9 @@ class BatchStore(Protocol):
 
     async def claim(self, limit: int) -> Claim: ...
 
-    async def complete(self, outcomes: list[Outcome]) -> None: ...
+    async def complete(self, outcomes: list[Outcome]) -> None:
+        """Persist `outcomes`; takes them before it first suspends (claims queue behind them)."""
+        ...
 
     async def release(self, item_ids: list[int]) -> None: ...
 
@@ -228,17 +230,27 @@ class BatchRunner:
     # --- one item -----------------------------------------------------------------------
 
     async def _run_item(self, item: ClaimedItem) -> None:
+        finished = False
         try:
             outcome = await self._execute(item)
+            # The slot is free once the outcome is queued: `complete` takes it before it first
+            # suspends, so the claim this frees is written after it, in the same transaction.
+            self._finish(item)
+            finished = True
             await self.store.complete([outcome])
         except asyncio.CancelledError:
-            await asyncio.shield(self._settle_cancelled(item))
+            if not finished:
+                await asyncio.shield(self._settle_cancelled(item))
             raise
         finally:
-            self._running.pop(item.id, None)
-            self.stats.finished += 1
-            self._release_slot()
-            self._wakeup.set()
+            if not finished:
+                self._finish(item)
+
+    def _finish(self, item: ClaimedItem) -> None:
+        self._running.pop(item.id, None)
+        self.stats.finished += 1
+        self._release_slot()
+        self._wakeup.set()
 
     async def _settle_cancelled(self, item: ClaimedItem) -> None:
         if self._releasing and not self._forced:

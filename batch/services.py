@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import json
 import logging
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,6 +37,7 @@ from batch.signals import batch_changed
 logger = logging.getLogger(__name__)
 
 SUBMIT_CHUNK_SIZE = 2_000
+COMPLETE_CHUNK_SIZE = 500  # rows per UPDATE … FROM (VALUES …): 5 parameters each
 MAX_REPORTED_ITEM_ERRORS = 100
 MAX_PARALLEL_LIMIT = 10_000
 CONTROL_CHANNEL = "batch_control"
@@ -289,94 +291,164 @@ def _insert_batch(
 
 
 # --- claim and complete ---------------------------------------------------------------------
+# The worker's hot path: finished items are completed and the next ones claimed in one
+# transaction of a few set-based statements. Plain SQL here: the ORM (bulk_update above all)
+# cost more than the database on this path (docs/BENCHMARKS.md has the profile).
+
+
+def _db_uuid(value: uuid.UUID) -> Any:
+    return BatchJob._meta.pk.get_db_prep_value(value, connection)  # hex on SQLite
+
+
+def _db_time(value: datetime) -> Any:
+    return connection.ops.adapt_datetimefield_value(value)
+
+
+def _lock_counters(batch_id: uuid.UUID) -> BatchJob | None:
+    """Status and counters of the batch (an unsaved partial instance), its row locked."""
+    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT status, max_parallel, total_items, running_items, succeeded_items, failed_items,"
+            f" cancelled_items FROM batch_job WHERE id = %s{lock}",
+            [_db_uuid(batch_id)],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    status, max_parallel, total, running, succeeded, failed, cancelled = row
+    return BatchJob(
+        id=batch_id,
+        status=status,
+        max_parallel=max_parallel,
+        total_items=total,
+        running_items=running,
+        succeeded_items=succeeded,
+        failed_items=failed,
+        cancelled_items=cancelled,
+    )
+
+
+def _write_counters(batch: BatchJob, *, now: datetime, started: bool) -> None:
+    sets = "status = %s, running_items = %s, succeeded_items = %s, failed_items = %s, cancelled_items = %s"
+    params: list[Any] = [batch.status, batch.running_items, batch.succeeded_items, batch.failed_items]
+    params.append(batch.cancelled_items)
+    sets += ", updated_at = %s"
+    params.append(_db_time(now))
+    if started:
+        sets += ", started_at = %s"
+        params.append(_db_time(now))
+    if batch.finished_at is not None:
+        sets += ", finished_at = %s"
+        params.append(_db_time(batch.finished_at))
+    with connection.cursor() as cursor:
+        cursor.execute(f"UPDATE batch_job SET {sets} WHERE id = %s", [*params, _db_uuid(batch.id)])
+
+
+def _claim_locked(
+    batch: BatchJob, *, worker_id: str, limit: int, lease_seconds: float, now: datetime
+) -> list[ClaimedItem]:
+    """Move up to `limit` pending items of the locked batch to running, within its cap."""
+    if batch.status not in (BatchStatus.PENDING, BatchStatus.RUNNING):
+        return []
+    wanted = min(limit, batch.effective_parallel - batch.running_items, batch.pending_items)
+    if wanted <= 0:
+        return []
+    skip = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
+    lease = _db_time(now + timedelta(seconds=lease_seconds))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE batch_job_item SET status = %s, lease_owner = %s, lease_expires_at = %s,"
+            " attempts = attempts + 1, started_at = %s, finished_at = NULL WHERE id IN"
+            ' (SELECT id FROM batch_job_item WHERE batch_id = %s AND status = %s ORDER BY "index" LIMIT %s'
+            f'{skip}) RETURNING id, "index", params, attempts',
+            [ItemStatus.RUNNING, worker_id, lease, _db_time(now), _db_uuid(batch.id), ItemStatus.PENDING, wanted],
+        )
+        rows = sorted(cursor.fetchall(), key=lambda row: row[1])
+    batch.running_items += len(rows)
+    return [
+        ClaimedItem(id=i, index=x, params=json.loads(p) if isinstance(p, str) else p, attempt=a) for i, x, p, a in rows
+    ]
+
+
+def _complete_locked(batch: BatchJob, *, worker_id: str, outcomes: Sequence[Outcome]) -> list[int]:
+    """Write the outcomes of items still running under `worker_id`'s lease; their ids."""
+    by_id = {outcome.item_id: outcome for outcome in outcomes}
+    written: list[tuple[int, str]] = []
+    for chunk in _chunks(by_id.values(), COMPLETE_CHUNK_SIZE):
+        written += _complete_chunk(worker_id, chunk)
+    _apply_finished(batch, [status for _, status in written])
+    return [item_id for item_id, _ in written]
+
+
+def _complete_chunk(worker_id: str, outcomes: list[Outcome]) -> list[tuple[int, str]]:
+    params: list[Any] = []
+    for o in outcomes:
+        result = None if o.result is None else json.dumps(o.result)
+        params += [o.item_id, str(o.status), result, o.error, _db_time(o.finished_at)]
+    result, finished = ("v.column3", "v.column5")
+    if connection.vendor == "postgresql":
+        result, finished = "CAST(v.column3 AS jsonb)", "CAST(v.column5 AS timestamptz)"
+    values = ", ".join(["(%s, %s, %s, %s, %s)"] * len(outcomes))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE batch_job_item SET status = v.column2, result = {result}, error = v.column4,"
+            f" finished_at = {finished}, lease_owner = '', lease_expires_at = NULL FROM (VALUES {values}) AS v"
+            " WHERE batch_job_item.id = v.column1 AND batch_job_item.status = %s AND batch_job_item.lease_owner = %s"
+            " RETURNING id, status",
+            [*params, ItemStatus.RUNNING, worker_id],
+        )
+        return [(int(item_id), str(status)) for item_id, status in cursor.fetchall()]
+
+
+def complete_and_claim(
+    *, batch_id: uuid.UUID, worker_id: str, outcomes: Sequence[Outcome], claim_limit: int, lease_seconds: float
+) -> Claim:
+    """Record finished items, then claim up to `claim_limit` more: one transaction, one lock.
+
+    Completing first frees the cap the claim takes from. Only items still running under
+    `worker_id`'s lease are written: a late result (force-cancelled, or taken over after its
+    lease expired) is discarded. The pending → running move is also the item's start.
+    """
+    with transaction.atomic():
+        batch = _lock_counters(batch_id)
+        if batch is None:
+            return Claim(items=[], pending=0, status=BatchStatus.CANCELLED)
+        was, now = batch.status, timezone.now()
+        done = _complete_locked(batch, worker_id=worker_id, outcomes=outcomes)
+        _finalize_if_done(batch, now)
+        items = _claim_locked(batch, worker_id=worker_id, limit=claim_limit, lease_seconds=lease_seconds, now=now)
+        if items and batch.status == BatchStatus.PENDING:
+            batch.status = BatchStatus.RUNNING
+            logger.info("batch started", extra={"batch_id": str(batch_id), "worker_id": worker_id})
+        if done or items or batch.status != was:
+            _write_counters(batch, now=now, started=was == BatchStatus.PENDING and batch.status != was)
+            ended = batch.is_terminal and batch.status != was
+            _notify(batch_id, "finished" if ended else "completed", [*done, *(i.id for i in items)], wake=ended)
+    discarded = len({o.item_id for o in outcomes}) - len(done)
+    if discarded:
+        logger.warning("discarded late results", extra={"batch_id": str(batch_id), "discarded": discarded})
+    return Claim(items=items, pending=batch.pending_items, status=batch.status)
 
 
 def claim_items(*, batch_id: uuid.UUID, worker_id: str, limit: int, lease_seconds: float) -> Claim:
     """Mark up to `limit` pending items running for `worker_id`, within the batch's cap.
 
     The cap counts the running items of every worker: the locked batch row is the
-    cluster-wide semaphore. The pending → running move is also the item's start.
+    cluster-wide semaphore.
     """
-    with transaction.atomic():
-        try:
-            batch = _lock_batch(batch_id)
-        except BatchJob.DoesNotExist:
-            return Claim(items=[], pending=0, status=BatchStatus.CANCELLED)
-        if batch.status not in (BatchStatus.PENDING, BatchStatus.RUNNING):
-            return Claim(items=[], pending=0, status=batch.status)
-        free = batch.effective_parallel - batch.running_items
-        wanted = min(limit, free, batch.pending_items)
-        if wanted <= 0:
-            return Claim(items=[], pending=batch.pending_items, status=batch.status)
-        rows = list(
-            BatchJobItem.objects.select_for_update(skip_locked=True)
-            .filter(batch_id=batch_id, status=ItemStatus.PENDING)
-            .order_by("index")
-            .values_list("id", "index", "params", "attempts")[:wanted]
-        )
-        now = timezone.now()
-        BatchJobItem.objects.filter(pk__in=[row[0] for row in rows]).update(
-            status=ItemStatus.RUNNING,
-            lease_owner=worker_id,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            attempts=F("attempts") + 1,
-            started_at=now,
-            finished_at=None,
-        )
-        batch.running_items += len(rows)
-        if batch.status == BatchStatus.PENDING:
-            batch.status = BatchStatus.RUNNING
-            batch.started_at = now
-            logger.info("batch started", extra={"batch_id": str(batch_id), "worker_id": worker_id})
-        _save_counters(batch)
-        _notify(batch_id, "claimed", [row[0] for row in rows], wake=False)
-    return Claim(
-        items=[ClaimedItem(id=i, index=x, params=p, attempt=a + 1) for i, x, p, a in rows],
-        pending=batch.pending_items,
-        status=batch.status,
+    return complete_and_claim(
+        batch_id=batch_id, worker_id=worker_id, outcomes=(), claim_limit=limit, lease_seconds=lease_seconds
     )
 
 
 def complete_items(*, batch_id: uuid.UUID, worker_id: str, outcomes: Sequence[Outcome]) -> BatchJob:
     """Record finished items (succeeded, failed or cancelled) and finalize the batch if done.
 
-    Only items still running under `worker_id`'s lease are written: a late result of an
-    item that was force-cancelled or taken over after its lease expired is discarded.
+    Raises BatchJob.DoesNotExist for an unknown batch.
     """
-    with transaction.atomic():
-        batch = _lock_batch(batch_id)
-        by_id = {outcome.item_id: outcome for outcome in outcomes}
-        owned = set(
-            BatchJobItem.objects.filter(
-                pk__in=list(by_id), status=ItemStatus.RUNNING, lease_owner=worker_id
-            ).values_list("pk", flat=True)
-        )
-        rows = [
-            BatchJobItem(
-                pk=outcome.item_id,
-                status=outcome.status,
-                result=outcome.result,
-                error=outcome.error,
-                finished_at=outcome.finished_at,
-                lease_owner="",
-                lease_expires_at=None,
-            )
-            for item_id, outcome in by_id.items()
-            if item_id in owned
-        ]
-        BatchJobItem.objects.bulk_update(
-            rows, ["status", "result", "error", "finished_at", "lease_owner", "lease_expires_at"]
-        )
-        _apply_finished(batch, [row.status for row in rows])
-        _finalize_if_done(batch, timezone.now())
-        _save_counters(batch)
-        _notify(batch_id, "finished" if batch.is_terminal else "completed", sorted(owned), wake=batch.is_terminal)
-    if len(owned) != len(by_id):
-        logger.warning(
-            "discarded late results",
-            extra={"batch_id": str(batch_id), "discarded": len(by_id) - len(owned)},
-        )
-    return batch
+    complete_and_claim(batch_id=batch_id, worker_id=worker_id, outcomes=outcomes, claim_limit=0, lease_seconds=0)
+    return BatchJob.objects.get(pk=batch_id)
 
 
 def _apply_finished(batch: BatchJob, statuses: Iterable[str]) -> None:

@@ -3,7 +3,8 @@
 All of a worker's database calls run on asgiref's single sync thread (thread-sensitive
 `sync_to_async`), so the worker holds one connection for its bookkeeping however many items
 run. Completions that arrive while a write is in flight are written together by the next
-one (group commit): one transaction for many items under load, one per item when idle.
+one (group commit), and the runner's next claim rides in that same transaction: under load
+one transaction completes and claims many items.
 """
 
 from __future__ import annotations
@@ -59,37 +60,61 @@ async def call_db(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) ->
 
 
 class GroupCommit:
-    """Coalesces concurrent `submit` calls into one `write` of everything queued."""
+    """Coalesces completions, and the claim that follows them, into one write.
 
-    def __init__(self, write: Callable[[list[Outcome]], object]) -> None:
+    Completions queued while a write is in flight go together in the next one. A claim
+    rides in the same write as the completions queued before it (they are written first, so
+    they free the cap it claims from): under load one transaction completes and claims many.
+    """
+
+    def __init__(self, write: Callable[[list[Outcome], int], Claim]) -> None:
         self._write = write
         self._queue: list[Outcome] = []
         self._next: asyncio.Future[None] | None = None
+        self._claim: tuple[int, asyncio.Future[Claim]] | None = None
         self._drainer: asyncio.Task[None] | None = None
 
     async def submit(self, outcomes: list[Outcome]) -> None:
+        """Queue `outcomes` at once (before suspending) and wait until they are written."""
         self._queue.extend(outcomes)
         if self._next is None:
             self._next = asyncio.get_running_loop().create_future()
         written = self._next
-        if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.ensure_future(self._drain())
+        self._ensure_drainer()
         # Shielded: a cancelled item must not abort a write that carries other items too.
         await asyncio.shield(written)
 
+    async def claim(self, limit: int) -> Claim:
+        if self._claim is not None:
+            raise RuntimeError("a claim is already queued")
+        claimed: asyncio.Future[Claim] = asyncio.get_running_loop().create_future()
+        self._claim = (limit, claimed)
+        self._ensure_drainer()
+        return await claimed
+
+    def _ensure_drainer(self) -> None:
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.ensure_future(self._drain())
+
     async def _drain(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
+        while self._queue or self._claim is not None:
+            outcomes, self._queue = self._queue, []
             written, self._next = self._next, None
-            assert written is not None
+            claim, self._claim = self._claim, None
+            limit, claimed = claim if claim is not None else (0, None)
             try:
-                await call_db(self._write, batch)
+                result = await call_db(self._write, outcomes, limit)
             except BaseException as exc:
-                written.set_exception(exc)
+                for future in (written, claimed):
+                    if future is not None and not future.done():
+                        future.set_exception(exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             else:
-                written.set_result(None)
+                if written is not None:
+                    written.set_result(None)
+                if claimed is not None and not claimed.done():
+                    claimed.set_result(result)
 
 
 class DatabaseStore:
@@ -99,22 +124,22 @@ class DatabaseStore:
         self.batch_id = batch_id
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
-        self._completions = GroupCommit(self._write_completions)
+        self._writes = GroupCommit(self._write)
 
     async def claim(self, limit: int) -> Claim:
-        return await call_db(
-            services.claim_items,
-            batch_id=self.batch_id,
-            worker_id=self.worker_id,
-            limit=limit,
-            lease_seconds=self.lease_seconds,
-        )
+        return await self._writes.claim(limit)
 
     async def complete(self, outcomes: list[Outcome]) -> None:
-        await self._completions.submit(outcomes)
+        await self._writes.submit(outcomes)
 
     async def release(self, item_ids: list[int]) -> None:
         await call_db(services.release_items, batch_id=self.batch_id, worker_id=self.worker_id, item_ids=item_ids)
 
-    def _write_completions(self, outcomes: list[Outcome]) -> None:
-        services.complete_items(batch_id=self.batch_id, worker_id=self.worker_id, outcomes=outcomes)
+    def _write(self, outcomes: list[Outcome], claim_limit: int) -> Claim:
+        return services.complete_and_claim(
+            batch_id=self.batch_id,
+            worker_id=self.worker_id,
+            outcomes=outcomes,
+            claim_limit=claim_limit,
+            lease_seconds=self.lease_seconds,
+        )
