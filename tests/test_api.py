@@ -122,6 +122,12 @@ def test_submit_with_bad_body_is_a_validation_problem(api_client: Any, payload: 
     assert body["errors"]
 
 
+def test_submit_refuses_nul_characters_in_item_params_by_index(api_client: Any) -> None:
+    items = [{}, {"k\u0000": 1}, {"v": ["a\u0000"]}]
+    response = api_client.post("/api/batches/", {"handler": "demo.noop", "items": items}, format="json")
+    assert list(assert_problem(response, 400)["errors"]["items"]) == ["1", "2"]
+
+
 def test_submit_with_malformed_json_is_a_problem(api_client: Any) -> None:
     response = api_client.post("/api/batches/", "{not json", content_type="application/json")
     assert_problem(response, 400)

@@ -115,8 +115,8 @@ class BatchViewSet(GenericViewSet):
         """Submit a batch; with Idempotency-Key a retry returns the first batch (200)."""
         body = _validated(BatchSubmitSerializer, request.data)
         key = request.headers.get(IDEMPOTENCY_HEADER) or None
-        if key is not None and len(key) > 255:
-            raise exceptions.ValidationError({IDEMPOTENCY_HEADER: ["At most 255 characters."]})
+        if key is not None and (len(key) > 255 or not key.isprintable()):
+            raise exceptions.ValidationError({IDEMPOTENCY_HEADER: ["At most 255 printable characters."]})
         try:
             result = services.submit_batch(**body, created_by=request.user, idempotency_key=key)
         except services.SubmitError as exc:
