@@ -27,6 +27,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, help="repetitions per case (cancel: number of cancels)")
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", DEFAULT_URL))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--via", choices=["api", "services"], default="api", help="how submit/cancel are driven")
     parser.add_argument("--profile", type=Path, help="record every worker with py-spy into this directory")
     parser.add_argument("--force", action="store_true", help="allow a database without 'bench' in its name")
     args = parser.parse_args(argv)
@@ -77,7 +78,7 @@ def main(argv: list[str]) -> int:
 
     harness.PROFILE_DIR = args.profile
 
-    document = run_suite(args.scenarios or None, quick=args.quick, repeat=args.repeat)
+    document = run_suite(args.scenarios or None, quick=args.quick, repeat=args.repeat, via=args.via)
     json_path, md_path = report.write(document, args.out)
     sys.stdout.write(report.markdown(document))
     logger.info("wrote %s and %s", json_path, md_path)

@@ -96,6 +96,9 @@ def start_worker(spec: WorkerSpec, log_dir: Path) -> WorkerProcess:
         "PGAPPNAME": tag,  # libpq default for every connection of the worker, listener included
         "BATCH_GLOBAL_MAX_PARALLEL": str(spec.global_cap),
         "DJANGO_LOG_LEVEL": "WARNING",
+        # Production settings: with DEBUG every query is also recorded in connection.queries.
+        "DJANGO_DEBUG": "0",
+        "DJANGO_SECRET_KEY": "bench-" + "x" * 50,
         "PYTHONUNBUFFERED": "1",
         **spec.extra_env,
     }

@@ -7,19 +7,36 @@ import time
 from typing import Any
 
 from bench import SCENARIOS, report
-from bench.client import make_client
+from bench.client import Client, api_client, service_client
 from bench.harness import reset_tables
-from bench.scenarios import build
+from bench.scenarios import Case, build
 
 logger = logging.getLogger(__name__)
 
 
-def run_suite(scenarios: list[str] | None, *, quick: bool = False, repeat: int | None = None) -> dict[str, Any]:
-    """Every case of the chosen scenarios (default all), each repeated; summaries and targets."""
+def run_suite(
+    scenarios: list[str] | None, *, quick: bool = False, repeat: int | None = None, via: str = "api"
+) -> dict[str, Any]:
+    """Every case of the chosen scenarios (default all), each repeated; summaries and targets.
+
+    `via`: "api" submits and cancels through a real API server, "services" calls services.
+    """
     catalogue = build(quick=quick, repeat=repeat)
-    client = make_client()
+    with api_client() if via == "api" else service_client() as client:
+        results = _run(catalogue, client, scenarios or SCENARIOS)
+    reset_tables()
+    return {
+        "environment": report.environment(),
+        "quick": quick,
+        "via": client.via,
+        "results": results,
+        "targets": report.evaluate(results),
+    }
+
+
+def _run(catalogue: dict[str, list[Case]], client: Client, scenarios: list[str]) -> list[dict[str, Any]]:
     results = []
-    for name in scenarios or SCENARIOS:
+    for name in scenarios:
         for case in catalogue[name]:
             logger.info("running %s / %s x %d: %s", case.scenario, case.label, case.repeat, case.description)
             started = time.monotonic()
@@ -36,14 +53,7 @@ def run_suite(scenarios: list[str] | None, *, quick: bool = False, repeat: int |
                 }
             )
             logger.info("%s / %s: %s", case.scenario, case.label, _brief(summary))
-    reset_tables()
-    return {
-        "environment": report.environment(),
-        "quick": quick,
-        "via": client.via,
-        "results": results,
-        "targets": report.evaluate(results),
-    }
+    return results
 
 
 def _brief(summary: report.Summary) -> str:
