@@ -23,6 +23,10 @@ FAST_LEASES = {
     "BATCH_HANDLER_MODULES": "tests.cluster_handlers",
 }
 
+# Three workers with two slots each under a cap of 6: every worker gets items to run (with
+# more slots than the cap, the first workers to claim keep a batch to themselves).
+SPREAD = {"BATCH_WORKER_CONCURRENCY": "2", "BATCH_GLOBAL_MAX_PARALLEL": "6"}
+
 
 def wait_until(check: Callable[[], T], *, timeout: float, interval: float = 0.05, what: str = "condition") -> T:
     """Poll `check` until it returns something truthy; fail after `timeout` seconds."""

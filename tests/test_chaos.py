@@ -15,7 +15,7 @@ from django.db import connection
 from batch import services
 from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
 from tests.cluster_handlers import Event  # importing registers cluster.sleep
-from tests.cluster_support import FAST_LEASES, Cluster, wait_until
+from tests.cluster_support import FAST_LEASES, SPREAD, Cluster, wait_until
 from tests.conftest import database_url_for_subprocess
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -42,8 +42,8 @@ def in_flight(events: list[Event], worker: str) -> set[int]:
 
 
 def test_sigkill_of_one_worker_its_items_are_retried_by_the_others(cluster: Cluster, record_property: Any) -> None:
-    cluster.start_many(3)
-    batch = submit(60, 0.4, max_parallel=4)
+    cluster.start_many(3, **SPREAD)
+    batch = submit(90, 0.4, max_parallel=6)  # 3 workers x 2 slots: every worker runs items
     wait_until(lambda: in_flight(cluster.events(), "w2"), timeout=15, what="w2 to run an item")
 
     cluster.workers["w2"].send_signal(signal.SIGKILL)
@@ -52,7 +52,7 @@ def test_sigkill_of_one_worker_its_items_are_retried_by_the_others(cluster: Clus
     lost = in_flight(cluster.events(), "w2")
     cluster.wait_batch(batch, (BatchStatus.SUCCEEDED, BatchStatus.FAILED), timeout=25)
 
-    assert batch.status == BatchStatus.SUCCEEDED and batch.succeeded_items == 60, cluster.logs()
+    assert batch.status == BatchStatus.SUCCEEDED and batch.succeeded_items == 90, cluster.logs()
     attempts = dict(BatchJobItem.objects.filter(batch=batch).values_list("index", "attempts"))
     retried = {index for index, n in attempts.items() if n == 2}
     assert lost <= retried and set(attempts.values()) <= {1, 2}
@@ -62,7 +62,7 @@ def test_sigkill_of_one_worker_its_items_are_retried_by_the_others(cluster: Clus
     record_property("recovery_seconds", round(recovery, 3))
     assert LEASE - 0.5 < recovery < LEASE + 3, f"re-ran {recovery:.2f}s after the kill (lease {LEASE}s)"
     ends = Counter(e.index for e in cluster.events() if e.kind == "end" and e.worker != "w2")
-    assert sorted(ends) == list(range(60)), "no item lost"
+    assert sorted(ends) == list(range(90)), "no item lost"
 
 
 def test_terminated_backends_reconnect_and_the_batch_completes(cluster: Cluster) -> None:

@@ -13,7 +13,7 @@ import pytest
 from batch import services
 from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
 from tests.cluster_handlers import Event, peak_concurrency  # importing registers cluster.sleep
-from tests.cluster_support import Cluster, wait_until
+from tests.cluster_support import SPREAD, Cluster, wait_until
 from tests.conftest import worker_log
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -30,7 +30,9 @@ def submit(count: int, seconds: float, *, max_parallel: int, cooperative: bool =
 
 
 def test_three_workers_hold_the_cluster_wide_cap_exactly(cluster: Cluster, record_property: Any) -> None:
-    cluster.start_many(3, BATCH_LOG_SUMMARY_SECONDS="0.5")
+    # Two slots per worker: reaching 4 takes two workers at once, and a cap held only
+    # in-process would let three workers reach 6.
+    cluster.start_many(3, BATCH_WORKER_CONCURRENCY="2", BATCH_LOG_SUMMARY_SECONDS="0.5")
     batch = submit(300, 0.02, max_parallel=4)
 
     cluster.wait_batch(batch, (BatchStatus.SUCCEEDED, BatchStatus.FAILED), timeout=25)
@@ -41,7 +43,7 @@ def test_three_workers_hold_the_cluster_wide_cap_exactly(cluster: Cluster, recor
     assert batch.status == BatchStatus.SUCCEEDED, cluster.logs()
     assert peak_concurrency(events) == 4
     assert sorted(starts) == list(range(300)) and set(starts.values()) == {1}, "every item runs exactly once"
-    assert len({e.worker for e in events}) == 3, "all three workers took part"
+    assert len({e.worker for e in events}) >= 2, "the items ran on several workers"
     assert set(BatchJobItem.objects.filter(batch=batch).values_list("attempts", flat=True)) == {1}
     assert batch.succeeded_items == 300 and batch.running_items == 0
     logs = cluster.logs()
@@ -51,8 +53,8 @@ def test_three_workers_hold_the_cluster_wide_cap_exactly(cluster: Cluster, recor
 
 
 def test_cancel_reaches_every_worker_and_nothing_starts_after_it(cluster: Cluster, record_property: Any) -> None:
-    cluster.start_many(3, BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS="5")
-    batch = submit(200, 0.3, max_parallel=6)
+    cluster.start_many(3, BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS="5", **SPREAD)
+    batch = submit(200, 0.3, max_parallel=6)  # 3 workers x 2 slots: every worker runs items
     wait_until(lambda: len({e.worker for e in cluster.events()}) == 3, timeout=15, what="items on all workers")
 
     services.request_cancel(batch_id=batch.id)
