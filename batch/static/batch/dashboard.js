@@ -293,7 +293,7 @@
   const items = new Map(); // id -> item, in arrival order (newest last)
 
   function itemDetail(item) {
-    if (item.error) return el("span", { class: "bd-error", text: item.error });
+    if (item.error) return el("span", { class: item.status === "failed" ? "bd-error" : "bd-quiet", text: item.error });
     if (item.result === null || item.result === undefined) return el("span", { class: "bd-quiet", text: "–" });
     return el("code", { class: "bd-result-preview", text: JSON.stringify(item.result).slice(0, 160) });
   }
