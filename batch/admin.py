@@ -22,6 +22,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from batch import services
+from batch.audit import AuditTrailMixin
 from batch.models import BatchJob, BatchJobItem
 
 _SEGMENTS = ("succeeded", "failed", "cancelled", "running", "pending")
@@ -71,7 +72,7 @@ def _resize(batch_id: uuid.UUID, max_parallel: int) -> BatchJob | None:
 
 
 @admin.register(BatchJob)
-class BatchJobAdmin(ReadOnlyAdmin):
+class BatchJobAdmin(AuditTrailMixin, ReadOnlyAdmin):
     list_display = ["__str__", "status", "progress", "counts", "handler", "owner", "created_at", "duration"]
     list_filter = ["status", "handler"]
     search_fields = ["name", "handler"]
@@ -101,6 +102,7 @@ class BatchJobAdmin(ReadOnlyAdmin):
         "cancel_requested_at",
         "cancel_requested_by",
         "idempotency_key",
+        "audit_trail",
     ]
     fields = tuple(readonly_fields)
 
@@ -169,7 +171,8 @@ class BatchJobAdmin(ReadOnlyAdmin):
         if form.is_bound and form.is_valid():
             value = form.cleaned_data["max_parallel"]
             resized = [
-                services.resize_batch(batch_id=pk, max_parallel=value) for pk in queryset.values_list("pk", flat=True)
+                services.resize_batch(batch_id=pk, max_parallel=value, by=request.user)
+                for pk in queryset.values_list("pk", flat=True)
             ]
             done = sum(batch is not None for batch in resized)
             self.message_user(request, f"Set max_parallel={value} on {done} batch(es).")

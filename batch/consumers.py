@@ -1,6 +1,6 @@
 """WebSocket consumers of the live dashboard: `/ws/batches/` and `/ws/batches/<id>/`.
 
-Staff only: anyone else is refused at the handshake. On connect the client gets a
+Staff with `batch.view_batchjob` only: anyone else is refused at the handshake. On connect the client gets a
 snapshot, then the coalesced `batch.updated` / `item.updated` events of `batch.events`.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from batch import payloads
+from batch import payloads, permissions
 from batch.events import BATCHES_GROUP, batch_group, publisher
 
 logger = logging.getLogger(__name__)
@@ -27,9 +27,12 @@ CLOSE_NOT_FOUND = 4404
 class _StaffConsumer(AsyncJsonWebsocketConsumer):
     groups: list[str] = []
 
-    def _is_staff(self) -> bool:
+    async def _may_watch(self) -> bool:
+        """Staff with `batch.view_batchjob` (the dashboard's rule); `has_perm` reads the database."""
         user = self.scope.get("user")
-        return bool(user is not None and user.is_authenticated and user.is_staff)
+        if user is None or not user.is_authenticated or not user.is_staff:
+            return False
+        return bool(await database_sync_to_async(permissions.can_view_all)(user))
 
     async def _join(self, group: str) -> None:
         publisher.bind_loop(asyncio.get_running_loop())
@@ -58,7 +61,7 @@ class BatchListConsumer(_StaffConsumer):
 
     async def connect(self) -> None:
         self.groups = []
-        if not self._is_staff():
+        if not await self._may_watch():
             await self.close(code=CLOSE_FORBIDDEN)
             return
         await self._join(BATCHES_GROUP)
@@ -72,7 +75,7 @@ class BatchDetailConsumer(_StaffConsumer):
 
     async def connect(self) -> None:
         self.groups = []
-        if not self._is_staff():
+        if not await self._may_watch():
             await self.close(code=CLOSE_FORBIDDEN)
             return
         batch_id = uuid.UUID(str(self.scope["url_route"]["kwargs"]["batch_id"]))

@@ -12,11 +12,13 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib import admin
+from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path
 
+from batch import permissions
 from batch.handlers import registered_handlers
 from batch.models import BatchJob
 
@@ -33,25 +35,34 @@ def _config(**extra: Any) -> dict[str, Any]:
     }
 
 
+def _access(request: HttpRequest) -> dict[str, Any]:
+    """Watching needs `batch.view_batchjob`; the controls shown follow `batch.permissions`."""
+    if not permissions.can_view_all(request.user):
+        raise PermissionDenied
+    return {"permissions": permissions.dashboard_permissions(request.user), "username": request.user.get_username()}
+
+
 def dashboard(request: HttpRequest) -> HttpResponse:
     """Every active and recent batch, live; and a small submit form."""
+    access = _access(request)
     context = {
         **admin.site.each_context(request),
         "title": "Live dashboard",
         "handlers": list(registered_handlers()),
-        "config": _config(batchId=None),
+        "config": _config(batchId=None, **access),
     }
     return TemplateResponse(request, "admin/batch/dashboard.html", context)
 
 
 def batch_dashboard(request: HttpRequest, batch_id: uuid.UUID) -> HttpResponse:
     """One batch, live: progress, parallelism, cancel, recent item transitions and failures."""
+    access = _access(request)
     batch = get_object_or_404(BatchJob, pk=batch_id)
     context = {
         **admin.site.each_context(request),
         "title": batch.name or f"Batch {batch.pk.hex[:8]}",
         "batch": batch,
-        "config": _config(batchId=str(batch.pk)),
+        "config": _config(batchId=str(batch.pk), **access),
     }
     return TemplateResponse(request, "admin/batch/dashboard_batch.html", context)
 

@@ -185,3 +185,33 @@ class BatchWorker(models.Model):
 
     def __str__(self) -> str:
         return self.id
+
+
+class AuditAction(models.TextChoices):
+    SUBMITTED = "submitted", "Submitted"
+    CANCEL_REQUESTED = "cancel_requested", "Cancel requested"
+    RESIZED = "resized", "Resized"
+
+
+class BatchAuditEvent(models.Model):
+    """Who submitted, cancelled or resized a batch, and when; written by `batch.services` in
+    the transaction of the change itself. `actor_name` survives the user's deletion."""
+
+    id = models.BigAutoField(primary_key=True)
+    batch = models.ForeignKey(BatchJob, on_delete=models.CASCADE, related_name="audit_events")
+    action = models.CharField(max_length=32, choices=AuditAction.choices)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    actor_name = models.CharField(max_length=150, blank=True, default="")
+    at = models.DateTimeField()
+    details = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        db_table = "batch_audit_event"
+        ordering = ["at", "id"]
+        verbose_name = "audit event"
+        indexes = [models.Index(fields=["batch", "at"], name="batch_audit_batch_at_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.action} by {self.actor_name or 'system'} at {self.at:%Y-%m-%d %H:%M:%S}"

@@ -11,6 +11,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import Count, F, QuerySet
 
+from batch import permissions
 from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
 
 
@@ -52,11 +53,11 @@ def batch_states(batch_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, BatchState]:
 
 
 def batches_for(user: AbstractBaseUser | AnonymousUser) -> QuerySet[BatchJob]:
-    """The batches `user` may see: staff all, others their own."""
+    """The batches `user` may see: all with `batch.view_batchjob`, else their own."""
     batches = BatchJob.objects.all()
     if not user.is_authenticated:
         return batches.none()
-    if getattr(user, "is_staff", False):
+    if permissions.can_view_all(user):
         return batches
     return batches.filter(created_by_id=user.pk)
 

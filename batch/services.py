@@ -24,8 +24,11 @@ from django.db.models import F
 from django.utils import timezone
 from rest_framework import serializers
 
+from batch import limits
 from batch.handlers import HandlerSpec, UnknownHandler, get_handler, registered_handlers
 from batch.models import (
+    AuditAction,
+    BatchAuditEvent,
     BatchJob,
     BatchJobItem,
     BatchStatus,
@@ -176,6 +179,15 @@ def _notify(batch_id: uuid.UUID, kind: str, item_ids: Sequence[int] = (), *, wak
     transaction.on_commit(lambda: batch_changed.send(BatchJob, batch_id=batch_id, item_ids=ids))
 
 
+def _audit(batch_id: uuid.UUID, action: AuditAction, actor: Actor, at: datetime, **details: Any) -> None:
+    """Record who did what to a batch; called inside the transaction of the change."""
+    user = _as_user(actor)
+    name = user.get_username() if user else ""
+    BatchAuditEvent.objects.create(
+        batch_id=batch_id, action=action, actor=user, actor_name=name, at=at, details=details
+    )
+
+
 def effective_parallel(max_parallel: int) -> int:
     return min(max_parallel, settings.BATCH_GLOBAL_MAX_PARALLEL)
 
@@ -198,7 +210,7 @@ def _validate_items(spec: HandlerSpec, items: object) -> list[dict[str, Any]]:
     errors: dict[str, Any] = {}
     for index, params in enumerate(items):
         try:
-            validated.append(spec.validate(params))
+            validated.append(_validate_item(spec, params))
         except serializers.ValidationError as exc:
             if len(errors) < MAX_REPORTED_ITEM_ERRORS:
                 errors[str(index)] = exc.detail
@@ -207,7 +219,17 @@ def _validate_items(spec: HandlerSpec, items: object) -> list[dict[str, Any]]:
     return validated
 
 
+def _validate_item(spec: HandlerSpec, params: object) -> dict[str, Any]:
+    """The handler's validation, after the shared limits (NUL, nesting depth, size)."""
+    problem = limits.params_problem(params)
+    if problem is not None:
+        raise serializers.ValidationError([problem])
+    return spec.validate(params)
+
+
 def _validate_submission(handler: str, items: object, max_parallel: int, name: str) -> list[dict[str, Any]]:
+    if (problem := limits.text_problem(handler, max_length=limits.MAX_NAME_LENGTH)) is not None:
+        raise SubmitError({"handler": [problem]})
     try:
         spec = get_handler(handler)
     except UnknownHandler:
@@ -215,8 +237,8 @@ def _validate_submission(handler: str, items: object, max_parallel: int, name: s
         raise SubmitError({"handler": [f"Unknown handler {handler!r}. Known handlers: {known}."]}) from None
     if not 1 <= max_parallel <= MAX_PARALLEL_LIMIT:
         raise SubmitError({"max_parallel": [f"Must be between 1 and {MAX_PARALLEL_LIMIT}."]})
-    if len(name) > 200:
-        raise SubmitError({"name": ["At most 200 characters."]})
+    if (problem := limits.text_problem(name, max_length=limits.MAX_NAME_LENGTH)) is not None:
+        raise SubmitError({"name": [problem]})
     return _validate_items(spec, items)
 
 
@@ -236,6 +258,8 @@ def submit_batch(
     """
     owner = _as_user(created_by)
     if idempotency_key is not None:
+        if (problem := limits.text_problem(idempotency_key, max_length=limits.MAX_IDEMPOTENCY_KEY_LENGTH)) is not None:
+            raise SubmitError({"idempotency_key": [problem]})
         existing = BatchJob.objects.filter(created_by=owner, idempotency_key=idempotency_key).first()
         if existing is not None:
             return SubmitResult(batch=existing, created=False)
@@ -282,6 +306,7 @@ def _insert_batch(
         rows = (BatchJobItem(batch_id=batch.id, index=index, params=item) for index, item in enumerate(params))
         for chunk in _chunks(rows, SUBMIT_CHUNK_SIZE):
             BatchJobItem.objects.bulk_create(chunk)
+        _audit(batch.id, AuditAction.SUBMITTED, owner, batch.created_at, items=len(params), max_parallel=max_parallel)
         _notify(batch.id, "submitted")
     logger.info(
         "batch submitted",
@@ -517,6 +542,7 @@ def request_cancel(*, batch_id: uuid.UUID, by: Actor = None) -> CancelResult:
         cancelled = BatchJobItem.objects.filter(batch_id=batch_id, status=ItemStatus.PENDING).update(
             status=ItemStatus.CANCELLED, finished_at=now
         )
+        _audit(batch_id, AuditAction.CANCEL_REQUESTED, by, now, status=batch.status, pending_cancelled=cancelled)
         batch.cancelled_items += cancelled
         batch.status = BatchStatus.CANCELLING
         batch.cancel_requested_at = now
@@ -535,7 +561,7 @@ def cancel_deadline(batch: BatchJob) -> datetime | None:
     return batch.cancel_requested_at + timedelta(seconds=settings.BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS)
 
 
-def resize_batch(*, batch_id: uuid.UUID, max_parallel: int) -> BatchJob | None:
+def resize_batch(*, batch_id: uuid.UUID, max_parallel: int, by: Actor = None) -> BatchJob | None:
     """Change `max_parallel` of a batch that has not finished; None if it is terminal.
 
     Raises BatchJob.DoesNotExist for an unknown id and InvalidValue for a bad value.
@@ -546,6 +572,7 @@ def resize_batch(*, batch_id: uuid.UUID, max_parallel: int) -> BatchJob | None:
         batch = _lock_batch(batch_id)
         if batch.is_terminal:
             return None
+        _audit(batch_id, AuditAction.RESIZED, by, timezone.now(), old=batch.max_parallel, new=max_parallel)
         batch.max_parallel = max_parallel
         batch.save(update_fields=["max_parallel", "updated_at"])
         _notify(batch_id, "resize")

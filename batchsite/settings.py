@@ -20,6 +20,16 @@ if not DEBUG and SECRET_KEY == DEVELOPMENT_SECRET_KEY:
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
 
+# HTTPS hardening, on by default in production (`manage.py check --deploy` is clean there).
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", not DEBUG)
+SECURE_REDIRECT_EXEMPT = [r"^health/$"]  # probes inside the cluster speak plain HTTP
+SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 0 if DEBUG else 31_536_000, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", not DEBUG)
+SECURE_HSTS_PRELOAD = env_bool("DJANGO_SECURE_HSTS_PRELOAD", not DEBUG)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("DJANGO_SECURE_COOKIES", not DEBUG)
+# Behind a TLS-terminating proxy that sets X-Forwarded-Proto (and strips it from clients).
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if env_bool("DJANGO_SECURE_PROXY_SSL_HEADER", False) else None
+
 INSTALLED_APPS = [
     "daphne",
     "django.contrib.admin",
@@ -164,6 +174,12 @@ BATCH_HANDLER_MODULES = env_list("BATCH_HANDLER_MODULES", "")
 # Bodies up to this size are accepted (413 above); 64 MiB fits 100,000 small items.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 64 * 1024 * 1024, minimum=1024)
 BATCH_SUBMIT_THROTTLE_RATE = env_str("BATCH_SUBMIT_THROTTLE_RATE", "120/min")
+BATCH_CANCEL_THROTTLE_RATE = env_str("BATCH_CANCEL_THROTTLE_RATE", "120/min")
+# Limits of one item's parameters (batch/limits.py; 400 naming the item's index).
+BATCH_MAX_ITEM_PARAMS_BYTES = env_int("BATCH_MAX_ITEM_PARAMS_BYTES", 64 * 1024, minimum=2)
+BATCH_MAX_ITEM_PARAMS_DEPTH = env_int("BATCH_MAX_ITEM_PARAMS_DEPTH", 20, minimum=1)
+# 1: submitting needs the `batch.add_batchjob` permission; 0: any authenticated user may submit.
+BATCH_SUBMIT_REQUIRES_PERMISSION = env_bool("BATCH_SUBMIT_REQUIRES_PERMISSION", False)
 REST_FRAMEWORK = {
     # Token first: DRF takes WWW-Authenticate from the first class, so anonymous calls get 401.
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -172,7 +188,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PARSER_CLASSES": [
-        "batch.api.parsers.LimitedJSONParser",
+        "batch.api.limits.StrictJSONParser",
         "rest_framework.parsers.FormParser",
         "rest_framework.parsers.MultiPartParser",
     ],
@@ -184,7 +200,7 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "batch.api.schema.ProblemAutoSchema",
     "EXCEPTION_HANDLER": "batch.api.exceptions.problem_exception_handler",
-    "DEFAULT_THROTTLE_RATES": {"batch_submit": BATCH_SUBMIT_THROTTLE_RATE},
+    "DEFAULT_THROTTLE_RATES": {"batch_submit": BATCH_SUBMIT_THROTTLE_RATE, "batch_cancel": BATCH_CANCEL_THROTTLE_RATE},
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Batch API",

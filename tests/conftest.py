@@ -101,6 +101,15 @@ def make_user(django_user_model: Any) -> Callable[..., Any]:
     return _make
 
 
+def grant(who: Any, *codenames: str) -> None:
+    """Give `who` batch permissions by codename (view_batchjob, cancel_batchjob, ...)."""
+    from django.contrib.auth.models import Permission
+
+    who.user_permissions.add(*Permission.objects.filter(codename__in=codenames, content_type__app_label="batch"))
+    for cache_name in ("_perm_cache", "_user_perm_cache"):
+        who.__dict__.pop(cache_name, None)
+
+
 @pytest.fixture
 def user(make_user: Callable[..., Any]) -> Any:
     return make_user("alice")

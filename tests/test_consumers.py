@@ -17,7 +17,7 @@ from django.test import Client
 from batch import services
 from batch.models import BatchJob, BatchStatus, ItemStatus
 from batchsite.asgi import application
-from tests.conftest import SERVICE_SKIP, service_reachable
+from tests.conftest import SERVICE_SKIP, grant, service_reachable
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -42,6 +42,7 @@ def communicator(path: str, *, cookie: str | None = None, origin: str = "http://
 @pytest.fixture
 async def staff_cookie(make_user: Callable[..., Any]) -> str:
     user = await sync_to_async(make_user)("staff", is_staff=True)
+    await sync_to_async(grant)(user, "view_batchjob")
     return await sync_to_async(session_cookie)(user)
 
 

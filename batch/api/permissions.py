@@ -1,4 +1,4 @@
-"""Who may act on a batch. Visibility itself is `selectors.batches_for` (others' batches: 404)."""
+"""Who may act on a batch. Visibility itself is `selectors.batches_for` (invisible batches: 404)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,23 @@ from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
+from batch import permissions
 from batch.models import BatchJob
 
 
-class IsOwnerOrStaff(BasePermission):
-    """Object level, behind the visibility filter: the batch's creator, or staff."""
+class BatchPermission(BasePermission):
+    """The rules of `batch.permissions`: submit; cancel and resize your own batches, or others'
+    with `batch.cancel_batchjob` / `batch.resize_batchjob` (403: you can see the batch)."""
+
+    def has_permission(self, request: Request, view: APIView) -> bool:
+        return getattr(view, "action", None) != "create" or permissions.can_submit(request.user)
 
     def has_object_permission(self, request: Request, view: APIView, obj: Any) -> bool:
         if not isinstance(obj, BatchJob):
             return False
-        return bool(request.user.is_staff or obj.created_by_id == request.user.pk)
+        action = getattr(view, "action", None)
+        if action in ("destroy", "cancel"):
+            return permissions.can_cancel(request.user, obj)
+        if action == "partial_update":
+            return permissions.can_resize(request.user, obj)
+        return True

@@ -11,6 +11,7 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from batch.api.limits import RejectUnknownFields
 from batch.handlers import registered_handlers
 from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
 from batch.services import MAX_PARALLEL_LIMIT, MAX_REPORTED_ITEM_ERRORS
@@ -84,7 +85,7 @@ def _has_nul(value: object) -> bool:
     return False
 
 
-class BatchSubmitSerializer(serializers.Serializer[dict[str, Any]]):
+class BatchSubmitSerializer(RejectUnknownFields):
     handler = serializers.CharField(max_length=200)
     items = ItemParamsField(
         help_text='List of parameter objects, one per item, e.g. [{"seconds": 1}]. '
@@ -102,7 +103,7 @@ class BatchSubmitSerializer(serializers.Serializer[dict[str, Any]]):
         return fields
 
 
-class BatchResizeSerializer(serializers.Serializer[dict[str, Any]]):
+class BatchResizeSerializer(RejectUnknownFields):
     max_parallel = serializers.IntegerField(min_value=1, max_value=MAX_PARALLEL_LIMIT)
 
 

@@ -6,6 +6,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
+from batch.api.audit import BatchEventsView
 from batch.api.views import BatchViewSet
 
 router = DefaultRouter()
@@ -16,5 +17,6 @@ urlpatterns = [
     path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("redoc/", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
     path("auth/", include("rest_framework.urls")),
+    path("batches/<uuid:pk>/events/", BatchEventsView.as_view(), name="batch-events"),
     path("", include(router.urls)),
 ]

@@ -25,8 +25,9 @@ from rest_framework.throttling import BaseThrottle
 from batch import selectors, services
 from batch.api import drain
 from batch.api.exceptions import Conflict, DrainTimeout, PayloadTooLarge
+from batch.api.limits import CancelRateThrottle
 from batch.api.pagination import BatchPagination, ItemPagination
-from batch.api.permissions import IsOwnerOrStaff
+from batch.api.permissions import BatchPermission
 from batch.api.serializers import (
     BatchFilterSerializer,
     BatchResizeSerializer,
@@ -81,9 +82,11 @@ class BatchViewSet(GenericViewSet):
         return selectors.batches_for(self.request.user).select_related("created_by")
 
     def get_permissions(self) -> list[Any]:
-        return [*super().get_permissions(), IsOwnerOrStaff()]
+        return [*super().get_permissions(), BatchPermission()]
 
     def get_throttles(self) -> list[BaseThrottle]:
+        if self.action in ("destroy", "cancel"):
+            return [CancelRateThrottle()]
         return [SubmitRateThrottle()] if self.action == "create" else []
 
     def get_serializer_class(self) -> type[serializers.BaseSerializer[Any]]:
@@ -132,7 +135,7 @@ class BatchViewSet(GenericViewSet):
         body = _validated(BatchResizeSerializer, request.data)
         batch = self.get_object()
         try:
-            resized = services.resize_batch(batch_id=batch.pk, max_parallel=body["max_parallel"])
+            resized = services.resize_batch(batch_id=batch.pk, max_parallel=body["max_parallel"], by=request.user)
         except services.InvalidValue as exc:
             raise exceptions.ValidationError({exc.field_name: [exc.message]}) from None
         except BatchJob.DoesNotExist:

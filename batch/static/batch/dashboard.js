@@ -26,6 +26,8 @@
   const shortId = (b) => b.id.slice(0, 8);
   const label = (b) => b.name || "Batch " + shortId(b);
   const fmtInt = (n) => Number(n || 0).toLocaleString("en-US");
+  // Controls only for those allowed (the API enforces it anyway): own batches, or the permission.
+  const allowed = (perm, b) => Boolean((config.permissions || {})[perm] || (config.username && b.owner === config.username));
 
   function fmtDuration(seconds) {
     if (seconds === null || !isFinite(seconds) || seconds < 0) return "–";
@@ -188,7 +190,7 @@
       box.querySelector("[data-field=requested]").textContent = b.max_parallel + " requested";
     }
     slider.disabled = TERMINAL.has(b.status) || b.status === "cancelling";
-    slider.hidden = TERMINAL.has(b.status);
+    slider.hidden = TERMINAL.has(b.status) || !allowed("resize", b);
     box.querySelector("[data-field=effective]").textContent = b.effective_parallel;
     box.querySelector("[data-field=capnote]").textContent =
       b.max_parallel > config.globalMaxParallel ? "(capped at " + config.globalMaxParallel + ")" : "";
@@ -203,7 +205,7 @@
     }
     const active = !TERMINAL.has(entry.data.status) && entry.data.status !== "cancelling";
     box.firstChild.disabled = !active;
-    box.firstChild.hidden = TERMINAL.has(entry.data.status);
+    box.firstChild.hidden = TERMINAL.has(entry.data.status) || !allowed("cancel", entry.data);
   }
 
   function renderTiming(entry) {
