@@ -20,7 +20,12 @@ from batch import services
 from batch.models import BatchJob, BatchStatus
 from bench.harness import ROOT, database_url
 
-PRODUCTION_ENV = {"DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": "bench-" + "x" * 50, "DJANGO_LOG_LEVEL": "WARNING"}
+PRODUCTION_ENV = {
+    "DJANGO_DEBUG": "0",
+    "DJANGO_SECRET_KEY": "bench-" + "x" * 50,
+    "DJANGO_LOG_LEVEL": "WARNING",
+    "DJANGO_SECURE_SSL_REDIRECT": "0",  # plain HTTP on localhost (production redirects to HTTPS)
+}
 
 
 class Client(Protocol):
