@@ -7,6 +7,7 @@ the counters exact, and makes the parallelism cap hold across every worker proce
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import json
@@ -329,10 +330,24 @@ def _db_time(value: datetime) -> Any:
     return connection.ops.adapt_datetimefield_value(value)
 
 
+@contextlib.contextmanager
+def _hot_cursor() -> Iterator[Any]:
+    """On PostgreSQL the driver's own cursor: server-side parameter binding, no per-query
+    quoting in Python, statements prepared after a few runs; errors still become Django's
+    (the worker retries OperationalError). Django's cursor elsewhere."""
+    if connection.vendor != "postgresql":
+        with connection.cursor() as cursor:
+            yield cursor
+        return
+    connection.ensure_connection()
+    with connection.wrap_database_errors, connection.connection.cursor() as cursor:
+        yield cursor
+
+
 def _lock_counters(batch_id: uuid.UUID) -> BatchJob | None:
     """Status and counters of the batch (an unsaved partial instance), its row locked."""
     lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
-    with connection.cursor() as cursor:
+    with _hot_cursor() as cursor:
         cursor.execute(
             "SELECT status, max_parallel, total_items, running_items, succeeded_items, failed_items,"
             f" cancelled_items FROM batch_job WHERE id = %s{lock}",
@@ -366,7 +381,7 @@ def _write_counters(batch: BatchJob, *, now: datetime, started: bool) -> None:
     if batch.finished_at is not None:
         sets += ", finished_at = %s"
         params.append(_db_time(batch.finished_at))
-    with connection.cursor() as cursor:
+    with _hot_cursor() as cursor:
         cursor.execute(f"UPDATE batch_job SET {sets} WHERE id = %s", [*params, _db_uuid(batch.id)])
 
 
@@ -381,7 +396,7 @@ def _claim_locked(
         return []
     skip = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
     lease = _db_time(now + timedelta(seconds=lease_seconds))
-    with connection.cursor() as cursor:
+    with _hot_cursor() as cursor:
         cursor.execute(
             "UPDATE batch_job_item SET status = %s, lease_owner = %s, lease_expires_at = %s,"
             " attempts = attempts + 1, started_at = %s, finished_at = NULL WHERE id IN"
@@ -415,7 +430,7 @@ def _complete_chunk(worker_id: str, outcomes: list[Outcome]) -> list[tuple[int, 
     if connection.vendor == "postgresql":
         result, finished = "CAST(v.column3 AS jsonb)", "CAST(v.column5 AS timestamptz)"
     values = ", ".join(["(%s, %s, %s, %s, %s)"] * len(outcomes))
-    with connection.cursor() as cursor:
+    with _hot_cursor() as cursor:
         cursor.execute(
             f"UPDATE batch_job_item SET status = v.column2, result = {result}, error = v.column4,"
             f" finished_at = {finished}, lease_owner = '', lease_expires_at = NULL FROM (VALUES {values}) AS v"

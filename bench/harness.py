@@ -184,12 +184,14 @@ def _profile(worker: WorkerProcess, out_dir: Path) -> subprocess.Popen[bytes]:
 
 
 def reset_tables() -> None:
-    """Empty the engine's tables: every repetition starts from the same state."""
+    """Empty the engine's tables (and any that reference batches): same start every repetition."""
+    related = sorted({rel.related_model._meta.db_table for rel in BatchJob._meta.related_objects})
+    tables = [connection.ops.quote_name(t) for t in [*related, "batch_job", "batch_worker"]]
     with connection.cursor() as cursor:
         if is_postgres():
-            cursor.execute("TRUNCATE batch_job_item, batch_job, batch_worker")
+            cursor.execute(f"TRUNCATE {', '.join(tables)} CASCADE")
         else:
-            for table in ("batch_job_item", "batch_job", "batch_worker"):
+            for table in tables:
                 cursor.execute(f"DELETE FROM {table}")
 
 
