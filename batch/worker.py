@@ -238,10 +238,15 @@ class Worker:
             self._watch_wakeup.clear()
 
     async def _apply_batch_states(self) -> None:
-        states = await call_db(selectors.batch_states, list(self.runners))
+        # Only the batches asked about: a runner started while the query ran is not in `states`,
+        # and taking its absence for "deleted" would cancel a batch nobody cancelled.
+        asked = list(self.runners)
+        states = await call_db(selectors.batch_states, asked)
         now = timezone.now()
-        for batch_id, runner in list(self.runners.items()):
-            state = states.get(batch_id)
+        for batch_id in asked:
+            runner, state = self.runners.get(batch_id), states.get(batch_id)
+            if runner is None:
+                continue
             if state is None or state.status == BatchStatus.CANCELLING or state.status in TERMINAL_BATCH_STATUSES:
                 runner.cancel()
             if state is None:
