@@ -20,6 +20,13 @@ from batch import services
 from batch.models import BatchJob, BatchStatus
 from bench.harness import ROOT, database_url
 
+# Loopback plain HTTP (TLS ends at a proxy in production); the suite submits and cancels
+# faster than the default per-user throttles allow.
+UNTHROTTLED_PLAIN_HTTP = {
+    "DJANGO_SECURE_SSL_REDIRECT": "0",
+    "BATCH_SUBMIT_THROTTLE_RATE": "",
+    "BATCH_CANCEL_THROTTLE_RATE": "",
+}
 PRODUCTION_ENV = {
     "DJANGO_DEBUG": "0",
     "DJANGO_SECRET_KEY": "bench-" + "x" * 50,
@@ -97,7 +104,9 @@ def _token() -> str:
     from django.contrib.auth.models import User
     from rest_framework.authtoken.models import Token
 
-    user, _ = User.objects.get_or_create(username="bench", defaults={"is_staff": True})
+    user, _ = User.objects.get_or_create(username="bench")
+    user.is_staff = user.is_superuser = True  # sees and cancels every batch
+    user.save(update_fields=["is_staff", "is_superuser"])
     return Token.objects.get_or_create(user=user)[0].key
 
 
@@ -110,7 +119,7 @@ def service_client() -> Iterator[ServiceClient]:
 def api_client(timeout: float = 60.0) -> Iterator[ApiClient]:
     """A daphne server on a free port against this database, and a staff user's token."""
     port = _free_port()
-    env = {**os.environ, **PRODUCTION_ENV, "DATABASE_URL": database_url(), "BATCH_SUBMIT_THROTTLE_RATE": ""}
+    env = {**os.environ, **PRODUCTION_ENV, "DATABASE_URL": database_url(), **UNTHROTTLED_PLAIN_HTTP}
     env.pop("DATABASE_TEST_NAME", None)
     log = Path(tempfile.mkdtemp(prefix="bench-api-")) / "daphne.log"
     with log.open("wb") as out:
