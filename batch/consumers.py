@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
+MAX_CLIENT_FRAME = 1024  # characters; a ping is 16
 
 
 class _StaffConsumer(AsyncJsonWebsocketConsumer):
@@ -41,9 +42,11 @@ class _StaffConsumer(AsyncJsonWebsocketConsumer):
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any) -> None:
         """Clients only ping (`{"type": "ping"}`); anything else, malformed or not, is ignored."""
+        if not text_data or len(text_data) > MAX_CLIENT_FRAME:
+            return  # binary, empty or huge: not a ping, and not worth decoding
         try:
-            message = json.loads(text_data or "null")
-        except ValueError:
+            message = json.loads(text_data)
+        except (ValueError, RecursionError):  # deep nesting ([[[[…) raises RecursionError
             message = None
         if isinstance(message, dict) and message.get("type") == "ping":
             await self.send_json({"type": "pong"})
