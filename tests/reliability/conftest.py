@@ -28,6 +28,7 @@ PRODUCTION = {
     "BATCH_CANCEL_THROTTLE_RATE": "",
     "DJANGO_LOG_LEVEL": "WARNING",
 }
+WEB_APP_NAME = "batch-web-" + secrets.token_hex(4)  # libpq's PGAPPNAME: find the server's connections
 
 
 def free_port() -> int:
@@ -45,8 +46,10 @@ class Api:
     counter: list[int] = field(default_factory=lambda: [0])
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def request(self, method: str, path: str, body: Any = None, timeout: float = 60) -> tuple[int, Any, str]:
-        headers = {"Accept": "application/json", "X-Forwarded-Proto": "https"}
+    def request(
+        self, method: str, path: str, body: Any = None, timeout: float = 60, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any, str]:
+        headers = {"Accept": "application/json", "X-Forwarded-Proto": "https", **(headers or {})}
         if self.token:
             headers["Authorization"] = f"Token {self.token}"
         data = None if body is None else json.dumps(body).encode()
@@ -95,7 +98,7 @@ def asgi_server(worker_env: dict[str, str], tmp_path: Path) -> Iterator[LiveServ
         process = subprocess.Popen(
             [sys.executable, str(ROOT / "manage.py"), "serve", "--no-worker", "--port", str(port)],
             cwd=ROOT,
-            env={**worker_env, **PRODUCTION},
+            env={**worker_env, **PRODUCTION, "PGAPPNAME": WEB_APP_NAME},
             stdout=out,
             stderr=subprocess.STDOUT,
         )
