@@ -1,7 +1,8 @@
 """ASGI entry point: HTTP through Django, WebSocket through `batch.routing`.
 
-WebSockets authenticate with the Django session (AuthMiddlewareStack) and must come from an
-allowed host (AllowedHostsOriginValidator: the Origin header is checked against ALLOWED_HOSTS).
+HTTP bodies over DATA_UPLOAD_MAX_MEMORY_SIZE are refused before Django spools them
+(`bodylimit`). WebSockets authenticate with the Django session (AuthMiddlewareStack) and must
+come from an allowed host (AllowedHostsOriginValidator: the Origin header is checked against ALLOWED_HOSTS).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from batch.routing import websocket_urlpatterns  # noqa: E402
+from batchsite.bodylimit import BodySizeLimit  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": django_application,
+        "http": BodySizeLimit(django_application),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

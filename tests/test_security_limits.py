@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.core.cache import cache
 from django.db import DatabaseError
 
@@ -213,3 +214,39 @@ def test_database_error_answers_500_problem_without_sql_or_traceback(
     assert body["detail"] == "The server failed to handle this request."
     assert "SELECT" not in response.content.decode()
     assert "batch_job" not in response.content.decode()
+
+
+# --- the ASGI server refuses oversized bodies before Django spools them -------------------------
+
+
+async def asgi_post(body_chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> tuple[int, dict[str, Any], int]:
+    """POST through batchsite.asgi; returns (status, problem body, chunks the app consumed)."""
+    from channels.testing import ApplicationCommunicator
+
+    from batchsite.asgi import application
+
+    scope = {"type": "http", "method": "POST", "path": "/api/batches/", "query_string": b"", "headers": headers}
+    communicator = ApplicationCommunicator(application, scope)
+    for i, chunk in enumerate(body_chunks):
+        await communicator.send_input({"type": "http.request", "body": chunk, "more_body": i < len(body_chunks) - 1})
+    start = await communicator.receive_output(timeout=10)
+    body = await communicator.receive_output(timeout=10)
+    await communicator.wait(timeout=10)
+    return start["status"], json.loads(body["body"]), len(body_chunks) - communicator.input_queue.qsize()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_asgi_refuses_declared_oversized_body_without_reading_it(settings: Any) -> None:
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1024
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"999999999")]
+    status, body, _ = await asgi_post([b"x" * 10], headers)
+    assert (status, body["status"], body["title"]) == (413, 413, "Request too large")
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_asgi_stops_reading_a_chunked_body_past_the_limit(settings: Any) -> None:
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1024
+    status, body, consumed = await asgi_post([b"x" * 600] * 10, [(b"content-type", b"application/json")])
+    assert (status, body["status"]) == (413, 413)
+    assert consumed < 10  # stopped after the limit, did not spool the rest
+    assert await sync_to_async(BatchJob.objects.count)() == 0
