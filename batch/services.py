@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
+import psycopg
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, User
 from django.db import IntegrityError, connection, transaction
@@ -28,6 +29,7 @@ from rest_framework import serializers
 from batch import limits
 from batch.handlers import HandlerSpec, UnknownHandler, get_handler, registered_handlers
 from batch.models import (
+    TERMINAL_BATCH_STATUSES,
     AuditAction,
     BatchAuditEvent,
     BatchJob,
@@ -177,7 +179,8 @@ def _notify(batch_id: uuid.UUID, kind: str, item_ids: Sequence[int] = (), *, wak
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_notify(%s, %s)", [CONTROL_CHANNEL, f"{kind}:{batch_id}"])
     ids = list(item_ids)
-    transaction.on_commit(lambda: batch_changed.send(BatchJob, batch_id=batch_id, item_ids=ids))
+    # send_robust: a failing listener must never fail (or re-run) the transaction's caller.
+    transaction.on_commit(lambda: batch_changed.send_robust(BatchJob, batch_id=batch_id, item_ids=ids))
 
 
 def _audit(batch_id: uuid.UUID, action: AuditAction, actor: Actor, at: datetime, **details: Any) -> None:
@@ -332,15 +335,15 @@ def _db_time(value: datetime) -> Any:
 
 @contextlib.contextmanager
 def _hot_cursor() -> Iterator[Any]:
-    """On PostgreSQL the driver's own cursor: server-side parameter binding, no per-query
-    quoting in Python, statements prepared after a few runs; errors still become Django's
-    (the worker retries OperationalError). Django's cursor elsewhere."""
+    """On PostgreSQL a psycopg cursor with server-side binding on Django's connection (same
+    transaction; Django's own is a client-binding cursor): no quoting in Python, statements
+    can be prepared. Errors still become Django's (the worker retries OperationalError)."""
     if connection.vendor != "postgresql":
         with connection.cursor() as cursor:
             yield cursor
         return
     connection.ensure_connection()
-    with connection.wrap_database_errors, connection.connection.cursor() as cursor:
+    with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
         yield cursor
 
 
@@ -450,25 +453,144 @@ def complete_and_claim(
     `worker_id`'s lease are written: a late result (force-cancelled, or taken over after its
     lease expired) is discarded. The pending → running move is also the item's start.
     """
+    step = _step_postgres if connection.vendor == "postgresql" else _step_locked
+    claim, done, was = step(
+        batch_id=batch_id, worker_id=worker_id, outcomes=outcomes, claim_limit=claim_limit, lease_seconds=lease_seconds
+    )
+    if was == BatchStatus.PENDING and claim.status == BatchStatus.RUNNING:
+        logger.info("batch started", extra={"batch_id": str(batch_id), "worker_id": worker_id})
+    if done or claim.items or claim.status != was:
+        _notify(batch_id, "completed", [*done, *(i.id for i in claim.items)], wake=False)
+    discarded = len({o.item_id for o in outcomes}) - len(done)
+    if discarded:
+        logger.warning("discarded late results", extra={"batch_id": str(batch_id), "discarded": discarded})
+    return claim
+
+
+def _step_locked(
+    *, batch_id: uuid.UUID, worker_id: str, outcomes: Sequence[Outcome], claim_limit: int, lease_seconds: float
+) -> tuple[Claim, list[int], str]:
+    """The step as a few statements after locking the batch row (SQLite; the reference)."""
     with transaction.atomic():
         batch = _lock_counters(batch_id)
         if batch is None:
-            return Claim(items=[], pending=0, status=BatchStatus.CANCELLED)
+            return Claim(items=[], pending=0, status=BatchStatus.CANCELLED), [], BatchStatus.CANCELLED
         was, now = batch.status, timezone.now()
         done = _complete_locked(batch, worker_id=worker_id, outcomes=outcomes)
         _finalize_if_done(batch, now)
         items = _claim_locked(batch, worker_id=worker_id, limit=claim_limit, lease_seconds=lease_seconds, now=now)
         if items and batch.status == BatchStatus.PENDING:
             batch.status = BatchStatus.RUNNING
-            logger.info("batch started", extra={"batch_id": str(batch_id), "worker_id": worker_id})
         if done or items or batch.status != was:
             _write_counters(batch, now=now, started=was == BatchStatus.PENDING and batch.status != was)
-            ended = batch.is_terminal and batch.status != was
-            _notify(batch_id, "finished" if ended else "completed", [*done, *(i.id for i in items)], wake=ended)
-    discarded = len({o.item_id for o in outcomes}) - len(done)
-    if discarded:
-        logger.warning("discarded late results", extra={"batch_id": str(batch_id), "discarded": discarded})
-    return Claim(items=items, pending=batch.pending_items, status=batch.status)
+    return Claim(items=items, pending=batch.pending_items, status=batch.status), done, was
+
+
+# PostgreSQL does the whole step in one statement (one round trip, no BEGIN/COMMIT): lock the
+# batch row, write the completions (lease-guarded), claim within the cap the completions
+# freed, update the counters and finalize. `b` is locked before any item is touched: `done`
+# joins it and the claim's LIMIT reads it. A claimer that waited for the lock reads the row
+# as committed by the other (FOR UPDATE returns the latest version); items the other claimed
+# fail the re-checked `status = 'pending'` and are skipped. Mirrors the multi-statement path.
+_STEP_SQL = """
+WITH b AS (
+    SELECT id, status, LEAST(max_parallel, %(cap)s) AS cap, total_items, running_items,
+           succeeded_items, failed_items, cancelled_items
+    FROM batch_job WHERE id = %(batch)s FOR UPDATE
+), v AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(results)s::jsonb[],
+                         %(errors)s::text[], %(finished)s::timestamptz[])
+        AS v (id, status, result, error, finished_at)
+), done AS (
+    UPDATE batch_job_item i SET status = v.status, result = v.result, error = v.error,
+        finished_at = v.finished_at, lease_owner = '', lease_expires_at = NULL
+    FROM v, b
+    WHERE i.id = v.id AND i.batch_id = b.id AND i.status = 'running' AND i.lease_owner = %(worker)s
+    RETURNING i.id, i.status
+), counts AS (
+    SELECT count(*) AS n, count(*) FILTER (WHERE status = 'succeeded') AS ok,
+           count(*) FILTER (WHERE status = 'failed') AS bad, count(*) FILTER (WHERE status = 'cancelled') AS gone
+    FROM done
+), want AS (
+    SELECT GREATEST(0, LEAST(%(limit)s, b.cap - b.running_items + counts.n, b.total_items - b.running_items
+                    - b.succeeded_items - b.failed_items - b.cancelled_items)) AS n
+    FROM b, counts WHERE b.status IN ('pending', 'running')
+), claimed AS (
+    UPDATE batch_job_item SET status = 'running', lease_owner = %(worker)s, lease_expires_at = %(lease)s,
+        attempts = attempts + 1, started_at = %(now)s, finished_at = NULL
+    WHERE id IN (
+        SELECT id FROM batch_job_item WHERE batch_id = %(batch)s AND status = 'pending'
+        ORDER BY "index" LIMIT (SELECT coalesce(max(n), 0) FROM want) FOR UPDATE SKIP LOCKED
+    )
+    RETURNING id, "index", params, attempts
+), nxt AS (
+    SELECT b.id, b.status AS was, b.total_items AS total,
+           b.running_items - counts.n + (SELECT count(*) FROM claimed) AS running,
+           b.succeeded_items + counts.ok AS succeeded, b.failed_items + counts.bad AS failed,
+           b.cancelled_items + counts.gone AS cancelled
+    FROM b, counts
+), x AS (
+    SELECT nxt.*, CASE
+        WHEN was IN ('succeeded', 'failed', 'cancelled') THEN was
+        WHEN running = 0 AND total = succeeded + failed + cancelled THEN CASE
+            WHEN was = 'cancelling' THEN 'cancelled' WHEN failed + cancelled > 0 THEN 'failed' ELSE 'succeeded' END
+        WHEN was = 'pending' AND running > 0 THEN 'running'
+        ELSE was END AS status
+    FROM nxt
+), upd AS (
+    UPDATE batch_job j SET status = x.status, running_items = x.running, succeeded_items = x.succeeded,
+        failed_items = x.failed, cancelled_items = x.cancelled, updated_at = %(now)s,
+        started_at = CASE WHEN x.was = 'pending' AND x.status <> 'pending' THEN %(now)s ELSE j.started_at END,
+        finished_at = CASE WHEN x.status <> x.was AND x.status IN ('succeeded', 'failed', 'cancelled')
+                      THEN %(now)s ELSE j.finished_at END
+    FROM x WHERE j.id = x.id
+    RETURNING x.status, x.was, x.total - x.running - x.succeeded - x.failed - x.cancelled AS pending, x.total
+)
+SELECT upd.status, upd.was, upd.pending, upd.total, (SELECT coalesce(array_agg(id), '{}') FROM done) AS done_ids,
+       CASE WHEN upd.status <> upd.was AND upd.status IN ('succeeded', 'failed', 'cancelled')
+            THEN pg_notify(%(channel)s, 'finished:' || %(batch)s::text) END AS notified,
+       c.id, c."index", c.params, c.attempts
+FROM upd LEFT JOIN claimed c ON true
+"""
+
+
+def _step_postgres(
+    *, batch_id: uuid.UUID, worker_id: str, outcomes: Sequence[Outcome], claim_limit: int, lease_seconds: float
+) -> tuple[Claim, list[int], str]:
+    """The step as one statement; (claim, ids of the items written, status before)."""
+    by_id = {outcome.item_id: outcome for outcome in outcomes}
+    now = timezone.now()
+    params = {
+        "batch": batch_id,
+        "cap": settings.BATCH_GLOBAL_MAX_PARALLEL,
+        "worker": worker_id,
+        "limit": claim_limit,
+        "lease": now + timedelta(seconds=lease_seconds),
+        "now": now,
+        "channel": CONTROL_CHANNEL,
+        "ids": list(by_id),
+        "statuses": [str(o.status) for o in by_id.values()],
+        "results": [None if o.result is None else json.dumps(o.result) for o in by_id.values()],
+        "errors": [o.error for o in by_id.values()],
+        "finished": [o.finished_at for o in by_id.values()],
+    }
+    with _hot_cursor() as cursor:
+        cursor.execute(_STEP_SQL, params, prepare=True)  # planned once per connection
+        rows = cursor.fetchall()
+    if not rows:
+        return Claim(items=[], pending=0, status=BatchStatus.CANCELLED), [], BatchStatus.CANCELLED
+    status, was, pending, total, done, *_ = rows[0]
+    if status != was and status in TERMINAL_BATCH_STATUSES:
+        logger.info("batch finished", extra={"batch_id": str(batch_id), "status": status, "total": total})
+    items = sorted(
+        (
+            ClaimedItem(id=r[6], index=r[7], params=json.loads(r[8]) if isinstance(r[8], str) else r[8], attempt=r[9])
+            for r in rows
+            if r[6] is not None
+        ),
+        key=lambda item: item.index,
+    )
+    return Claim(items=items, pending=pending, status=status), list(done), was
 
 
 def claim_items(*, batch_id: uuid.UUID, worker_id: str, limit: int, lease_seconds: float) -> Claim:
@@ -624,7 +746,11 @@ def recover_expired_leases() -> int:
             "batch_id", flat=True
         )
     )
-    return sum(_recover_batch_leases(batch_id, now) for batch_id in batch_ids)
+    taken = 0
+    for batch_id in batch_ids:
+        with contextlib.suppress(BatchJob.DoesNotExist):  # deleted since the read above
+            taken += _recover_batch_leases(batch_id, now)
+    return taken
 
 
 def _recover_batch_leases(batch_id: uuid.UUID, now: datetime) -> int:
