@@ -182,7 +182,13 @@ class BatchRunner:
                 slots = await self._acquire_slots()
                 if slots == 0:
                     break
-                claim = await self.store.claim(slots)
+                self._wakeup.clear()  # before the claim: a wake-up during it is not lost
+                try:
+                    claim = await self.store.claim(slots)
+                except BaseException:
+                    for _ in range(slots):
+                        self._release_slot()
+                    raise
                 for _ in range(slots - len(claim.items)):
                     self._release_slot()
                 for item in claim.items:
@@ -223,7 +229,6 @@ class BatchRunner:
             self._worker_slots.release()
 
     async def _wait_for_wakeup(self) -> None:
-        self._wakeup.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout=self.idle_wait)
 
@@ -253,11 +258,13 @@ class BatchRunner:
         self._wakeup.set()
 
     async def _settle_cancelled(self, item: ClaimedItem) -> None:
-        if self._releasing and not self._forced:
-            await self.store.release([item.id])
-        else:
+        """Only a force cancel ends the item cancelled; any other cancellation of its task
+        (shutdown, a crash of the run) gives it back as pending for a later attempt."""
+        if self._forced:
             error = "Cancelled by force: the handler ignored cancellation past the drain deadline."
             await self.store.complete([Outcome(item.id, ItemStatus.CANCELLED, error=error)])
+        else:
+            await self.store.release([item.id])
 
     async def _execute(self, item: ClaimedItem) -> Outcome:
         ctx = ItemContext(
@@ -277,11 +284,14 @@ class BatchRunner:
             return Outcome(item.id, ItemStatus.FAILED, error=f"Timed out after {self.item_timeout} s.")
         except Exception as exc:
             logger.warning("item failed", exc_info=True, extra={"batch_id": str(self.batch_id), "index": item.index})
-            return Outcome(item.id, ItemStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+            # PostgreSQL text cannot hold NUL: escape it rather than lose the whole write.
+            return Outcome(item.id, ItemStatus.FAILED, error=f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00"))
         try:
-            json.dumps(result, allow_nan=False)  # what PostgreSQL's jsonb accepts
+            encoded = json.dumps(result, allow_nan=False)  # what PostgreSQL's jsonb accepts
         except (TypeError, ValueError) as exc:
             return Outcome(item.id, ItemStatus.FAILED, error=f"Result is not JSON serializable: {exc}")
+        if "\\u0000" in encoded:
+            return Outcome(item.id, ItemStatus.FAILED, error="Result contains a NUL character, which cannot be stored.")
         return Outcome(item.id, ItemStatus.SUCCEEDED, result=result)
 
     async def _call(self, params: dict[str, Any], ctx: ItemContext) -> Any:

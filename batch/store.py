@@ -16,9 +16,10 @@ from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 from asgiref.sync import sync_to_async
-from django.db import InterfaceError, OperationalError, close_old_connections, connection
+from django.db import DatabaseError, InterfaceError, InternalError, OperationalError, close_old_connections, connection
 
 from batch import services
+from batch.models import ItemStatus
 from batch.services import Claim, Outcome
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,9 @@ async def call_db(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) ->
     while True:
         try:
             return await sync_to_async(func, thread_sensitive=True)(*args, **kwargs)
-        except (OperationalError, InterfaceError) as exc:
+        # InternalError covers a failover ("read-only transaction"); data and programming
+        # errors are not transient and propagate.
+        except (OperationalError, InterfaceError, InternalError) as exc:
             attempt += 1
             logger.warning(
                 "database call failed, retrying in %.2fs: %s",
@@ -57,6 +60,12 @@ async def call_db(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) ->
             await sync_to_async(_reset_connection, thread_sensitive=True)()
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_DELAY)
+
+
+def unstorable(outcome: Outcome, exc: Exception) -> Outcome:
+    """The outcome to record instead of one whose result or error the database refused."""
+    error = f"The outcome could not be stored ({type(exc).__name__}); it was {outcome.status}."
+    return Outcome(outcome.item_id, ItemStatus.FAILED, error=error, finished_at=outcome.finished_at)
 
 
 class GroupCommit:
@@ -92,6 +101,22 @@ class GroupCommit:
         self._ensure_drainer()
         return await claimed
 
+    async def _write_isolating_refusals(self, outcomes: list[Outcome], limit: int) -> Claim:
+        """Write; if the database refuses the group (a value it cannot store), write the
+        outcomes one by one so only the offending item fails, then claim on its own."""
+        try:
+            return await call_db(self._write, outcomes, limit)
+        except DatabaseError:
+            if not outcomes:
+                raise
+            logger.exception("the database refused a group of %d outcomes; writing them one by one", len(outcomes))
+        for outcome in outcomes:
+            try:
+                await call_db(self._write, [outcome], 0)
+            except DatabaseError as exc:
+                await call_db(self._write, [unstorable(outcome, exc)], 0)
+        return await call_db(self._write, [], limit)
+
     def _ensure_drainer(self) -> None:
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.ensure_future(self._drain())
@@ -103,7 +128,7 @@ class GroupCommit:
             claim, self._claim = self._claim, None
             limit, claimed = claim if claim is not None else (0, None)
             try:
-                result = await call_db(self._write, outcomes, limit)
+                result = await self._write_isolating_refusals(outcomes, limit)
             except BaseException as exc:
                 for future in (written, claimed):
                     if future is not None and not future.done():

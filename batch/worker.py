@@ -34,6 +34,8 @@ from batch.store import DatabaseStore, call_db
 
 logger = logging.getLogger(__name__)
 
+ABORT_GRACE_SECONDS = 10.0  # after giving items back, how long runs may take to wind down
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -75,6 +77,7 @@ class Worker:
         self.config = config
         self.observer = observer
         self.runners: dict[uuid.UUID, BatchRunner] = {}
+        self._runner_tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
         self.slots = Limiter(config.concurrency)
         self.executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="batch-handler")
         self._stopping = asyncio.Event()
@@ -154,13 +157,20 @@ class Worker:
     async def _dispatch_loop(self, group: asyncio.TaskGroup) -> None:
         config = self.config
         while not self._stopping.is_set():
-            exclude = [*self.runners, *self._unknown_handlers]
-            found = await call_db(selectors.runnable_batches, exclude=exclude, only=config.only_batch)
-            for batch_id, handler_name, max_parallel in found:
-                self._start(group, batch_id, handler_name, max_parallel)
-            if not self.runners and not found and await self._idle_exit():
-                return
+            try:
+                if await self._dispatch_once(group):
+                    return
+            except Exception:
+                logger.exception("finding batches failed; retrying", extra={"worker_id": config.worker_id})
             await self._sleep(config.poll_interval)
+
+    async def _dispatch_once(self, group: asyncio.TaskGroup) -> bool:
+        """Start runners for new runnable batches; True when the worker should exit idle."""
+        exclude = [*self.runners, *self._unknown_handlers]
+        found = await call_db(selectors.runnable_batches, exclude=exclude, only=self.config.only_batch)
+        for batch_id, handler_name, max_parallel in found:
+            self._start(group, batch_id, handler_name, max_parallel)
+        return not self.runners and not found and await self._idle_exit()
 
     async def _idle_exit(self) -> bool:
         if self.config.exit_when_idle:
@@ -172,6 +182,8 @@ class Worker:
         return state is None or state.status in TERMINAL_BATCH_STATUSES
 
     def _start(self, group: asyncio.TaskGroup, batch_id: uuid.UUID, handler_name: str, max_parallel: int) -> None:
+        if self._stopping.is_set():  # a signal came while the query ran: start nothing new
+            return
         try:
             handler = get_handler(handler_name)
         except UnknownHandler:
@@ -193,7 +205,7 @@ class Worker:
             idle_wait=self.config.poll_interval,
         )
         self.runners[batch_id] = runner
-        group.create_task(self._run_batch(runner))
+        self._runner_tasks[batch_id] = group.create_task(self._run_batch(runner))
 
     async def _run_batch(self, runner: BatchRunner) -> None:
         logger.info("batch run started", extra={"batch_id": str(runner.batch_id), "parallel": runner.parallel})
@@ -203,6 +215,7 @@ class Worker:
             logger.exception("batch run crashed; it will be picked up again", extra={"batch_id": str(runner.batch_id)})
         finally:
             del self.runners[runner.batch_id]
+            del self._runner_tasks[runner.batch_id]
             self._finished_by_ended_runs += runner.stats.finished
             self.wake()
         logger.info(
@@ -222,17 +235,23 @@ class Worker:
             await self._sleep(min(0.1, max(deadline - loop.time(), 0)))
         for runner in self.runners.values():
             runner.abort()
-        while self.runners:
+        abort_deadline = loop.time() + ABORT_GRACE_SECONDS
+        while self.runners and loop.time() < abort_deadline:
             await self._sleep(0.05)
+        for task in self._runner_tasks.values():  # stuck (e.g. database down): cancel the runs
+            task.cancel()
 
     # --- watching: cancel, resize, deadlines, leases ------------------------------------
 
     async def _watch_loop(self) -> None:
         while not self._closed.is_set():
-            if self.runners:
-                await self._apply_batch_states()
-            if self.observer is not None:
-                await self.observer(self)
+            try:
+                if self.runners:
+                    await self._apply_batch_states()
+                if self.observer is not None:
+                    await self.observer(self)
+            except Exception:
+                logger.exception("watching batches failed; retrying", extra={"worker_id": self.config.worker_id})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._watch_wakeup.wait(), timeout=self.config.poll_interval)
             self._watch_wakeup.clear()
@@ -257,15 +276,21 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         while not self._closed.is_set():
-            running = [item_id for runner in self.runners.values() for item_id in runner.running_item_ids]
-            await call_db(
-                services.renew_leases,
-                worker_id=self.config.worker_id,
-                item_ids=running,
-                lease_seconds=self.config.lease_seconds,
-            )
-            await call_db(services.recover_expired_leases)
+            try:
+                await self._heartbeat_once()
+            except Exception:
+                logger.exception("lease renewal failed; retrying", extra={"worker_id": self.config.worker_id})
             await self._sleep_unless_closed(self.config.heartbeat_seconds)
+
+    async def _heartbeat_once(self) -> None:
+        running = [item_id for runner in self.runners.values() for item_id in runner.running_item_ids]
+        await call_db(
+            services.renew_leases,
+            worker_id=self.config.worker_id,
+            item_ids=running,
+            lease_seconds=self.config.lease_seconds,
+        )
+        await call_db(services.recover_expired_leases)
 
     async def _sleep_unless_closed(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

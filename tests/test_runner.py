@@ -261,3 +261,50 @@ async def test_shrinking_takes_free_slots_at_once() -> None:
     limiter.resize(1)
     assert limiter.try_acquire()
     assert not limiter.try_acquire()
+
+
+# --- regressions found in review ----------------------------------------------------------
+
+
+class FailingClaimStore(MemoryStore):
+    async def claim(self, limit: int) -> Claim:
+        raise RuntimeError("claim failed")
+
+
+async def test_a_failed_claim_gives_back_every_slot() -> None:
+    shared = Limiter(2)
+    runner = runner_for(FailingClaimStore(5), Probe(gate_at=1), 2, worker_slots=shared)
+    with pytest.raises(ExceptionGroup):
+        await asyncio.wait_for(runner.run(), TIMEOUT)
+    assert [shared.try_acquire(), shared.try_acquire()] == [True, True]
+
+
+async def test_cancelling_the_run_gives_items_back_instead_of_cancelling_them() -> None:
+    started = asyncio.Event()
+
+    async def long(params: dict[str, Any], ctx: ItemContext) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    store = MemoryStore(4)
+    task = asyncio.create_task(runner_for(store, long, 2).run())
+    await asyncio.wait_for(started.wait(), TIMEOUT)
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, TIMEOUT)
+    assert sorted(store.released) == [0, 1]
+    assert store.outcomes == {}
+
+
+async def test_nul_characters_never_reach_the_database() -> None:
+    async def nul(params: dict[str, Any], ctx: ItemContext) -> dict[str, str]:
+        if params["i"] == 0:
+            raise ValueError("bad\x00byte")
+        return {"text": "a\x00b"}
+
+    store = MemoryStore(2)
+    await asyncio.wait_for(runner_for(store, nul, 2).run(), TIMEOUT)
+    assert store.outcomes[0].error == "ValueError: bad\\x00byte"
+    assert store.outcomes[1].status == ItemStatus.FAILED
+    assert "NUL" in store.outcomes[1].error

@@ -201,3 +201,12 @@ async def test_stop_drains_then_gives_unfinished_items_back() -> None:
     batch = await refreshed(batch)
     assert (batch.status, batch.running_items, batch.pending_items) == (BatchStatus.RUNNING, 0, 5)
     assert not await BatchJobItem.objects.filter(batch=batch, attempts__gt=0).aexists()
+
+
+async def test_a_signal_during_the_dispatch_query_starts_no_new_run() -> None:
+    batch = await submit(handler="demo.noop", items=[{}] * 3)
+    worker = Worker(config(exit_when_idle=False))
+    worker.stop()
+    async with asyncio.TaskGroup() as group:
+        worker._start(group, batch.id, "demo.noop", 4)
+    assert worker.runners == {}

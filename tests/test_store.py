@@ -1,0 +1,38 @@
+"""GroupCommit: a value the database refuses fails only its own item."""
+
+from __future__ import annotations
+
+import asyncio
+
+from django.db import DataError
+
+from batch.models import ItemStatus
+from batch.services import Claim, Outcome
+from batch.store import GroupCommit
+
+
+async def test_a_refused_outcome_fails_alone_and_the_claim_still_happens() -> None:
+    written: list[Outcome] = []
+    claimed: list[int] = []
+
+    def write(outcomes: list[Outcome], limit: int) -> Claim:
+        if (len(outcomes) > 1 and any(o.error == "poison" for o in outcomes)) or [o.error for o in outcomes] == [
+            "poison"
+        ]:
+            raise DataError("invalid byte sequence")
+        written.extend(outcomes)
+        claimed.append(limit)
+        return Claim(items=[], pending=0, status="running")
+
+    commit = GroupCommit(write)
+    good = [Outcome(1, ItemStatus.SUCCEEDED), Outcome(3, ItemStatus.SUCCEEDED)]
+    bad = Outcome(2, ItemStatus.FAILED, error="poison")
+    async with asyncio.timeout(10), asyncio.TaskGroup() as group:
+        for outcome in (good[0], bad, good[1]):
+            group.create_task(commit.submit([outcome]))
+        group.create_task(commit.claim(4))
+    by_id = {o.item_id: o for o in written}
+    assert by_id[1].status == by_id[3].status == ItemStatus.SUCCEEDED
+    assert by_id[2].status == ItemStatus.FAILED
+    assert "could not be stored" in by_id[2].error
+    assert 4 in claimed
