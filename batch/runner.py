@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import uuid
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -125,6 +126,7 @@ class BatchRunner:
         self._stop_claiming = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
+        self._superseded: weakref.WeakSet[asyncio.Task[None]] = weakref.WeakSet()
         self._forced = False
         self._releasing = False
 
@@ -192,6 +194,7 @@ class BatchRunner:
                 for _ in range(slots - len(claim.items)):
                     self._release_slot()
                 for item in claim.items:
+                    self._supersede(item.id)
                     self._running[item.id] = group.create_task(self._run_item(item))
                     self.stats.started += 1
                     self.stats.peak_running = max(self.stats.peak_running, len(self._running))
@@ -244,15 +247,25 @@ class BatchRunner:
             finished = True
             await self.store.complete([outcome])
         except asyncio.CancelledError:
-            if not finished:
+            if not finished and asyncio.current_task() not in self._superseded:
                 await asyncio.shield(self._settle_cancelled(item))
             raise
         finally:
             if not finished:
                 self._finish(item)
 
+    def _supersede(self, item_id: int) -> None:
+        """An item we still run came back to us in a claim: its lease expired (renewals
+        failed) and it was put back. The new attempt owns the row; stop the old one silently."""
+        stale = self._running.pop(item_id, None)
+        if stale is not None:
+            logger.warning("item re-claimed while an older attempt ran here", extra={"item_id": item_id})
+            self._superseded.add(stale)
+            stale.cancel()
+
     def _finish(self, item: ClaimedItem) -> None:
-        self._running.pop(item.id, None)
+        if self._running.get(item.id) is asyncio.current_task():
+            del self._running[item.id]
         self.stats.finished += 1
         self._release_slot()
         self._wakeup.set()

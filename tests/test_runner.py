@@ -308,3 +308,37 @@ async def test_nul_characters_never_reach_the_database() -> None:
     assert store.outcomes[0].error == "ValueError: bad\\x00byte"
     assert store.outcomes[1].status == ItemStatus.FAILED
     assert "NUL" in store.outcomes[1].error
+
+
+class ReclaimStore(MemoryStore):
+    """Reports one more pending item until the second attempt of item 0 has been claimed."""
+
+    async def claim(self, limit: int) -> Claim:
+        claim = await super().claim(limit)
+        reclaimed = any(item.attempt == 2 for item in claim.items)
+        self.served_second = getattr(self, "served_second", False) or reclaimed
+        return Claim(items=claim.items, pending=claim.pending or int(not self.served_second), status=claim.status)
+
+
+async def test_an_item_reclaimed_while_its_old_attempt_runs_here_replaces_it() -> None:
+    """Renewals failed, the lease expired and the item came back to this worker: the old
+    attempt stops silently, only the new one runs on and records the outcome."""
+    store = ReclaimStore(1)
+    first_started = asyncio.Event()
+    old_attempt_cancelled = asyncio.Event()
+
+    async def handler(params: dict[str, Any], ctx: ItemContext) -> dict[str, int]:
+        if ctx.attempt == 1:
+            store.pending.append(ClaimedItem(id=0, index=0, params={"i": 0}, attempt=2))
+            first_started.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                old_attempt_cancelled.set()
+                raise
+        return {"attempt": ctx.attempt}
+
+    await asyncio.wait_for(runner_for(store, handler, 2).run(), TIMEOUT)
+    assert old_attempt_cancelled.is_set()
+    assert store.outcomes[0].result == {"attempt": 2}
+    assert store.released == []
