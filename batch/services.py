@@ -307,9 +307,7 @@ def _insert_batch(
             created_by=owner,
             idempotency_key=idempotency_key,
         )
-        rows = (BatchJobItem(batch_id=batch.id, index=index, params=item) for index, item in enumerate(params))
-        for chunk in _chunks(rows, SUBMIT_CHUNK_SIZE):
-            BatchJobItem.objects.bulk_create(chunk)
+        _insert_items(batch.id, params)
         _audit(batch.id, AuditAction.SUBMITTED, owner, batch.created_at, items=len(params), max_parallel=max_parallel)
         _notify(batch.id, "submitted")
     logger.info(
@@ -317,6 +315,33 @@ def _insert_batch(
         extra={"batch_id": str(batch.id), "handler": handler, "total": len(params)},
     )
     return batch
+
+
+def _insert_items(batch_id: uuid.UUID, params: list[dict[str, Any]]) -> None:
+    """All items of a new batch: COPY on PostgreSQL (the ORM's bulk_create spent most of a
+    100,000-item submit building model instances and quoting values), bulk_create elsewhere."""
+    if connection.vendor != "postgresql":
+        rows = (BatchJobItem(batch_id=batch_id, index=index, params=item) for index, item in enumerate(params))
+        for chunk in _chunks(rows, SUBMIT_CHUNK_SIZE):
+            BatchJobItem.objects.bulk_create(chunk)
+        return
+    # Every column but the key, with the model's defaults: a column added later is filled too.
+    template = BatchJobItem(batch_id=batch_id, index=0, params={})
+    fields = [f for f in BatchJobItem._meta.concrete_fields if not f.primary_key]
+    constant = [f.get_db_prep_save(f.pre_save(template, add=True), connection) for f in fields]
+    at = {f.attname: position for position, f in enumerate(fields)}
+    columns = ", ".join(connection.ops.quote_name(str(f.column)) for f in fields)
+    params_field = BatchJobItem._meta.get_field("params")
+    row = list(constant)
+    with (
+        connection.wrap_database_errors,
+        connection.connection.cursor() as cursor,
+        cursor.copy(f"COPY batch_job_item ({columns}) FROM STDIN") as copy,
+    ):
+        for index, item in enumerate(params):
+            row[at["index"]] = index
+            row[at["params"]] = params_field.get_db_prep_save(item, connection)
+            copy.write_row(row)
 
 
 # --- claim and complete ---------------------------------------------------------------------
