@@ -51,6 +51,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent not idle (user, nice, system, irq, softirq, steal), /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
 def peak_rss_mib(pid: int) -> float:
     """Peak resident set size (VmHWM) of a live process, in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -19,6 +19,7 @@ from bench.harness import (
     WorkerSpec,
     cpu_seconds,
     is_postgres,
+    machine_busy_seconds,
     peak_rss_mib,
     reset_tables,
     running_workers,
@@ -54,11 +55,13 @@ def _measure_batch(
 ) -> tuple[Metrics, uuid.UUID]:
     """Submit through services, wait for the terminal state; wall clock and worker CPU."""
     cpu_before = sum(cpu_seconds(w.pid) for w in workers)
+    busy_before = machine_busy_seconds()
     started = time.time()
     batch_id = services.submit_batch(handler=handler, items=items, max_parallel=cap).batch.id
     submitted = time.time()
     batch = wait_terminal(batch_id, timeout=TERMINAL_TIMEOUT)
     cpu = sum(cpu_seconds(w.pid) for w in workers) - cpu_before
+    busy = machine_busy_seconds() - busy_before
     assert batch.finished_at is not None
     assert batch.started_at is not None
     count = len(items)
@@ -69,6 +72,8 @@ def _measure_batch(
         "wall_s": wall,
         "submit_s": submitted - started,
         "worker_cpu_us_per_item": cpu / count * 1e6,
+        # Cores busy on the whole machine meanwhile (workers, PostgreSQL, this process, others).
+        "machine_cores_busy": busy / max(time.time() - started, 1e-6),
         "succeeded": batch.succeeded_items,
         "items": count,
     }, batch_id
