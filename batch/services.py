@@ -42,7 +42,7 @@ from batch.signals import batch_changed
 
 logger = logging.getLogger(__name__)
 
-SUBMIT_CHUNK_SIZE = 2_000
+SUBMIT_CHUNK_SIZE = 10_000  # items per write (one COPY on PostgreSQL); Django splits bulk_create further
 COMPLETE_CHUNK_SIZE = 500  # rows per UPDATE … FROM (VALUES …): 5 parameters each
 MAX_REPORTED_ITEM_ERRORS = 100
 MAX_PARALLEL_LIMIT = 10_000
@@ -318,28 +318,32 @@ def _insert_batch(
 
 
 def _insert_items(batch_id: uuid.UUID, params: list[dict[str, Any]]) -> None:
-    """All items of a new batch: COPY on PostgreSQL (the ORM's bulk_create spent most of a
-    100,000-item submit building model instances and quoting values), bulk_create elsewhere."""
+    """All items of a new batch, SUBMIT_CHUNK_SIZE per write, in the caller's transaction."""
+    for start in range(0, len(params), SUBMIT_CHUNK_SIZE):
+        _write_item_chunk(batch_id, start, params[start : start + SUBMIT_CHUNK_SIZE])
+
+
+def _write_item_chunk(batch_id: uuid.UUID, start: int, chunk: list[dict[str, Any]]) -> None:
+    """Items `start`, `start + 1`, … : COPY on PostgreSQL (the ORM's bulk_create spent most of
+    a 100,000-item submit building model instances and quoting values), bulk_create elsewhere."""
     if connection.vendor != "postgresql":
-        rows = (BatchJobItem(batch_id=batch_id, index=index, params=item) for index, item in enumerate(params))
-        for chunk in _chunks(rows, SUBMIT_CHUNK_SIZE):
-            BatchJobItem.objects.bulk_create(chunk)
+        rows = [BatchJobItem(batch_id=batch_id, index=start + offset, params=item) for offset, item in enumerate(chunk)]
+        BatchJobItem.objects.bulk_create(rows)
         return
     # Every column but the key, with the model's defaults: a column added later is filled too.
     template = BatchJobItem(batch_id=batch_id, index=0, params={})
     fields = [f for f in BatchJobItem._meta.concrete_fields if not f.primary_key]
-    constant = [f.get_db_prep_save(f.pre_save(template, add=True), connection) for f in fields]
+    row = [f.get_db_prep_save(f.pre_save(template, add=True), connection) for f in fields]
     at = {f.attname: position for position, f in enumerate(fields)}
     columns = ", ".join(connection.ops.quote_name(str(f.column)) for f in fields)
     params_field = BatchJobItem._meta.get_field("params")
-    row = list(constant)
     with (
         connection.wrap_database_errors,
         connection.connection.cursor() as cursor,
         cursor.copy(f"COPY batch_job_item ({columns}) FROM STDIN") as copy,
     ):
-        for index, item in enumerate(params):
-            row[at["index"]] = index
+        for offset, item in enumerate(chunk):
+            row[at["index"]] = start + offset
             row[at["params"]] = params_field.get_db_prep_save(item, connection)
             copy.write_row(row)
 

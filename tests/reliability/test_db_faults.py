@@ -35,23 +35,23 @@ def test_connection_lost_mid_bulk_insert_leaves_nothing(
     settings.BATCH_SUBMIT_THROTTLE_RATE = ""
     cache.clear()
     monkeypatch.setattr(services, "SUBMIT_CHUNK_SIZE", 10)
-    real_bulk_create = BatchJobItem.objects.bulk_create
+    real_write = services._write_item_chunk  # one chunk of items: COPY on PostgreSQL, bulk_create on SQLite
     calls = []
 
-    def flaky(objs: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append(len(objs))
+    def flaky(batch_id: Any, start: int, chunk: list[Any]) -> None:
+        calls.append(len(chunk))
         if len(calls) == 3:
             raise OperationalError("server closed the connection unexpectedly")
-        return real_bulk_create(objs, *args, **kwargs)
+        real_write(batch_id, start, chunk)
 
-    monkeypatch.setattr(BatchJobItem.objects, "bulk_create", flaky)
+    monkeypatch.setattr(services, "_write_item_chunk", flaky)
     response = api_client.post("/api/batches/", {"handler": "demo.noop", "items": [{}] * 45}, format="json")
     assert response.status_code == 500
     assert response["Content-Type"] == "application/problem+json"
     assert "server closed" not in response.content.decode()
     assert calls == [10, 10, 10]  # two chunks were inserted before the fault
     assert rows() == (0, 0, 0)
-    monkeypatch.setattr(BatchJobItem.objects, "bulk_create", real_bulk_create)
+    monkeypatch.setattr(services, "_write_item_chunk", real_write)
     retry = api_client.post("/api/batches/", {"handler": "demo.noop", "items": [{}] * 45}, format="json")
     assert retry.status_code == 201
     assert rows() == (1, 45, 1)
@@ -66,7 +66,7 @@ def _kill_when_inserting(stop: threading.Event, killed: list[int]) -> None:
             while not stop.is_set() and not killed:
                 cursor.execute(
                     "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND state = 'active'"
-                    " AND query LIKE 'INSERT INTO \"batch_job_item\"%%'",
+                    " AND (query LIKE 'INSERT INTO \"batch_job_item\"%%' OR query LIKE 'COPY batch_job_item%%')",
                     [WEB_APP_NAME],
                 )
                 for (pid,) in cursor.fetchall():
