@@ -20,10 +20,8 @@ from batch import services
 from batch.models import BatchJob, BatchStatus
 from bench.harness import ROOT, database_url
 
-# Loopback plain HTTP (TLS ends at a proxy in production); the suite submits and cancels
-# faster than the default per-user throttles allow.
-UNTHROTTLED_PLAIN_HTTP = {
-    "DJANGO_SECURE_SSL_REDIRECT": "0",
+# The suite submits and cancels faster than the default per-user throttles allow.
+UNTHROTTLED = {
     "BATCH_SUBMIT_THROTTLE_RATE": "",
     "BATCH_CANCEL_THROTTLE_RATE": "",
 }
@@ -119,7 +117,7 @@ def service_client() -> Iterator[ServiceClient]:
 def api_client(timeout: float = 60.0) -> Iterator[ApiClient]:
     """A daphne server on a free port against this database, and a staff user's token."""
     port = _free_port()
-    env = {**os.environ, **PRODUCTION_ENV, "DATABASE_URL": database_url(), **UNTHROTTLED_PLAIN_HTTP}
+    env = {**os.environ, **PRODUCTION_ENV, "DATABASE_URL": database_url(), **UNTHROTTLED}
     env.pop("DATABASE_TEST_NAME", None)
     log = Path(tempfile.mkdtemp(prefix="bench-api-")) / "daphne.log"
     with log.open("wb") as out:
