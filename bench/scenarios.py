@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batch import services
-from batch.models import BatchStatus
+from batch.models import BatchJob, BatchStatus
 from bench.client import Client
 from bench.harness import (
     ConnectionSampler,
@@ -130,7 +130,7 @@ def _cancel(running: int, cap: int) -> RunCase:
                 started = time.perf_counter()
                 status = client.cancel(batch_id)
                 latency = time.perf_counter() - started
-                batch = services.BatchJob.objects.get(pk=batch_id)
+                batch = BatchJob.objects.get(pk=batch_id)
                 assert batch.cancel_requested_at is not None
                 assert batch.finished_at is not None
                 drain = (batch.finished_at - batch.cancel_requested_at).total_seconds()
@@ -194,7 +194,7 @@ def _submit(items: int) -> RunCase:
             started = time.perf_counter()
             batch_id = client.submit("demo.noop", payload, max_parallel=4)
             elapsed = time.perf_counter() - started
-            stored = services.BatchJob.objects.get(pk=batch_id).total_items
+            stored = BatchJob.objects.get(pk=batch_id).total_items
             results.append({"submit_s": elapsed, "items_per_s": items / elapsed, "stored_items": stored})
         reset_tables()
         return results

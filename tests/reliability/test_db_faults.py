@@ -18,9 +18,9 @@ from django.core.cache import cache
 from django.db import OperationalError, connection
 from rest_framework.authtoken.models import Token
 
-from batch import services
 from batch.models import BatchAuditEvent, BatchJob, BatchJobItem
 from batch.selectors import counter_mismatches
+from batch.services import submit
 from tests.reliability.conftest import WEB_APP_NAME, LiveServer
 
 
@@ -34,8 +34,8 @@ def test_connection_lost_mid_bulk_insert_leaves_nothing(
 ) -> None:
     settings.BATCH_SUBMIT_THROTTLE_RATE = ""
     cache.clear()
-    monkeypatch.setattr(services, "SUBMIT_CHUNK_SIZE", 10)
-    real_write = services._write_item_chunk  # one chunk of items: COPY on PostgreSQL, bulk_create on SQLite
+    monkeypatch.setattr(submit, "SUBMIT_CHUNK_SIZE", 10)
+    real_write = submit._write_item_chunk  # one chunk of items: COPY on PostgreSQL, bulk_create on SQLite
     calls = []
 
     def flaky(batch_id: Any, start: int, chunk: list[Any]) -> None:
@@ -44,14 +44,14 @@ def test_connection_lost_mid_bulk_insert_leaves_nothing(
             raise OperationalError("server closed the connection unexpectedly")
         real_write(batch_id, start, chunk)
 
-    monkeypatch.setattr(services, "_write_item_chunk", flaky)
+    monkeypatch.setattr(submit, "_write_item_chunk", flaky)
     response = api_client.post("/api/batches/", {"handler": "demo.noop", "items": [{}] * 45}, format="json")
     assert response.status_code == 500
     assert response["Content-Type"] == "application/problem+json"
     assert "server closed" not in response.content.decode()
     assert calls == [10, 10, 10]  # two chunks were inserted before the fault
     assert rows() == (0, 0, 0)
-    monkeypatch.setattr(services, "_write_item_chunk", real_write)
+    monkeypatch.setattr(submit, "_write_item_chunk", real_write)
     retry = api_client.post("/api/batches/", {"handler": "demo.noop", "items": [{}] * 45}, format="json")
     assert retry.status_code == 201
     assert rows() == (1, 45, 1)

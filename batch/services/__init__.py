@@ -1,0 +1,58 @@
+"""Every state transition of batches and items. Nothing else writes batch state.
+
+Each function is one short synchronous transaction. Transactions that touch a batch's items
+lock the batch row first (`SELECT … FOR UPDATE`): that fixes a lock order (no deadlocks), keeps
+the counters exact, and makes the parallelism cap hold across every worker process.
+
+- `submit`: validate and write a whole batch (all or nothing);
+- `execution`: the worker's hot path (complete + claim in one step, release on shutdown);
+- `control`: cancel and resize requests;
+- `leases`: lease renewal, recovery of a lost worker's items, worker registration.
+"""
+
+from batch.services._base import (
+    CONTROL_CHANNEL,
+    MAX_PARALLEL_LIMIT,
+    Actor,
+    CancelOutcome,
+    CancelResult,
+    Claim,
+    ClaimedItem,
+    InvalidValue,
+    Outcome,
+    SubmitError,
+    SubmitResult,
+    effective_parallel,
+)
+from batch.services.control import cancel_deadline, request_cancel, resize_batch
+from batch.services.execution import claim_items, complete_and_claim, complete_items, release_items
+from batch.services.leases import recover_expired_leases, register_worker, renew_leases, unregister_worker
+from batch.services.submit import MAX_REPORTED_ITEM_ERRORS, submit_batch
+
+__all__ = [
+    "CONTROL_CHANNEL",
+    "MAX_PARALLEL_LIMIT",
+    "MAX_REPORTED_ITEM_ERRORS",
+    "Actor",
+    "CancelOutcome",
+    "CancelResult",
+    "Claim",
+    "ClaimedItem",
+    "InvalidValue",
+    "Outcome",
+    "SubmitError",
+    "SubmitResult",
+    "cancel_deadline",
+    "claim_items",
+    "complete_and_claim",
+    "complete_items",
+    "effective_parallel",
+    "recover_expired_leases",
+    "register_worker",
+    "release_items",
+    "renew_leases",
+    "request_cancel",
+    "resize_batch",
+    "submit_batch",
+    "unregister_worker",
+]

@@ -1,0 +1,187 @@
+"""What the service modules share: results and errors, the batch-row lock, finalizing, notifying, auditing."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, cast
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, User
+from django.db import connection, transaction
+from django.utils import timezone
+
+from batch.models import (
+    AuditAction,
+    BatchAuditEvent,
+    BatchJob,
+    BatchStatus,
+    ItemStatus,
+)
+from batch.signals import batch_changed
+
+logger = logging.getLogger(__name__)
+
+
+MAX_PARALLEL_LIMIT = 10_000
+
+
+CONTROL_CHANNEL = "batch_control"
+
+
+Actor = AbstractBaseUser | AnonymousUser | None
+
+
+def as_user(actor: Actor) -> User | None:
+    """The user to record for `actor`; None for anonymous or system (command, worker) calls."""
+    if actor is None or not actor.is_authenticated:
+        return None
+    return cast(User, actor)
+
+
+class SubmitError(Exception):
+    """The submission was refused; nothing was written. `errors` is keyed by field."""
+
+    def __init__(self, errors: dict[str, Any], *, too_many_items: bool = False) -> None:
+        super().__init__(f"batch submission refused: {', '.join(errors)} invalid")
+        self.errors = errors
+        self.too_many_items = too_many_items
+
+
+class InvalidValue(ValueError):
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field_name = field_name
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    batch: BatchJob
+    created: bool
+
+
+class CancelOutcome(enum.Enum):
+    REQUESTED = "requested"  # this call moved the batch to cancelling (or straight to cancelled)
+    ALREADY_CANCELLING = "already_cancelling"
+    TERMINAL = "terminal"
+    NOT_FOUND = "not_found"
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    outcome: CancelOutcome
+    batch: BatchJob | None
+
+
+@dataclass(frozen=True)
+class ClaimedItem:
+    id: int
+    index: int
+    params: dict[str, Any]
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    items: list[ClaimedItem]
+    pending: int  # items of the batch still pending after this claim
+    status: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    item_id: int
+    status: ItemStatus
+    result: Any = None
+    error: str = ""
+    finished_at: datetime = field(default_factory=timezone.now)
+
+
+def chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(iterable)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def lock_batch(batch_id: uuid.UUID) -> BatchJob:
+    """The batch row, locked until the transaction ends. Raises BatchJob.DoesNotExist."""
+    return BatchJob.objects.select_for_update().get(pk=batch_id)
+
+
+def finalize_if_done(batch: BatchJob, now: datetime) -> None:
+    """Move a locked batch whose items have all stopped to its terminal status."""
+    if batch.running_items or batch.pending_items or batch.is_terminal:
+        return
+    if batch.status == BatchStatus.CANCELLING:
+        batch.status = BatchStatus.CANCELLED
+    elif batch.failed_items or batch.cancelled_items:
+        batch.status = BatchStatus.FAILED
+    else:
+        batch.status = BatchStatus.SUCCEEDED
+    batch.finished_at = now
+    logger.info(
+        "batch finished",
+        extra={"batch_id": str(batch.id), "status": batch.status, "total": batch.total_items},
+    )
+
+
+COUNTER_FIELDS = [
+    "status",
+    "running_items",
+    "succeeded_items",
+    "failed_items",
+    "cancelled_items",
+    "started_at",
+    "finished_at",
+    "updated_at",
+]
+
+
+def save_counters(batch: BatchJob) -> None:
+    batch.save(update_fields=COUNTER_FIELDS)
+
+
+def notify(batch_id: uuid.UUID, kind: str, item_ids: Sequence[int] = (), *, wake: bool = True) -> None:
+    """Tell the world about a change, once the transaction commits.
+
+    `batch_changed` always fires (the dashboard's events). With `wake`, PostgreSQL also
+    delivers `kind:batch_id` on the control channel (NOTIFY is transactional) to workers and
+    cancel waiters; the per-item hot path (claims, completions that don't end the batch)
+    does not wake anyone, or every worker would re-poll on every item.
+    """
+    if wake and connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify(%s, %s)", [CONTROL_CHANNEL, f"{kind}:{batch_id}"])
+    ids = list(item_ids)
+    # send_robust: a failing listener must never fail (or re-run) the transaction's caller.
+    transaction.on_commit(lambda: batch_changed.send_robust(BatchJob, batch_id=batch_id, item_ids=ids))
+
+
+def audit(batch_id: uuid.UUID, action: AuditAction, actor: Actor, at: datetime, **details: Any) -> None:
+    """Record who did what to a batch; called inside the transaction of the change."""
+    user = as_user(actor)
+    name = user.get_username() if user else ""
+    BatchAuditEvent.objects.create(
+        batch_id=batch_id, action=action, actor=user, actor_name=name, at=at, details=details
+    )
+
+
+def effective_parallel(max_parallel: int) -> int:
+    return min(max_parallel, settings.BATCH_GLOBAL_MAX_PARALLEL)
+
+
+def apply_finished(batch: BatchJob, statuses: Iterable[str]) -> None:
+    for status in statuses:
+        batch.running_items -= 1
+        if status == ItemStatus.SUCCEEDED:
+            batch.succeeded_items += 1
+        elif status == ItemStatus.FAILED:
+            batch.failed_items += 1
+        else:
+            batch.cancelled_items += 1

@@ -1,0 +1,121 @@
+"""Leases and workers: renewal, recovery of items whose worker was lost, worker registration."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from django.db import transaction
+from django.utils import timezone
+
+from batch.models import (
+    BatchJob,
+    BatchJobItem,
+    BatchStatus,
+    BatchWorker,
+    ItemStatus,
+)
+from batch.services._base import (
+    InvalidValue,
+    finalize_if_done,
+    lock_batch,
+    notify,
+    save_counters,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def renew_leases(*, worker_id: str, item_ids: Sequence[int], lease_seconds: float) -> int:
+    """Extend the leases of the items `worker_id` is running, and its own heartbeat.
+
+    Only the ids the worker knows it runs: an item claimed by a transaction whose answer
+    was lost (connection dropped at commit) is left to expire and be taken back.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        BatchWorker.objects.filter(pk=worker_id).update(heartbeat_at=now)
+        return BatchJobItem.objects.filter(
+            pk__in=list(item_ids), status=ItemStatus.RUNNING, lease_owner=worker_id
+        ).update(lease_expires_at=now + timedelta(seconds=lease_seconds))
+
+
+def recover_expired_leases() -> int:
+    """Take back items whose worker stopped renewing their lease.
+
+    Retried (→ pending) while attempts remain, otherwise failed; in a cancelling batch,
+    cancelled. Returns how many items were taken back.
+    """
+    now = timezone.now()
+    batch_ids = set(
+        BatchJobItem.objects.filter(status=ItemStatus.RUNNING, lease_expires_at__lt=now).values_list(
+            "batch_id", flat=True
+        )
+    )
+    taken = 0
+    for batch_id in batch_ids:
+        with contextlib.suppress(BatchJob.DoesNotExist):  # deleted since the read above
+            taken += _recover_batch_leases(batch_id, now)
+    return taken
+
+
+def _recover_batch_leases(batch_id: uuid.UUID, now: datetime) -> int:
+    with transaction.atomic():
+        batch = lock_batch(batch_id)
+        expired = BatchJobItem.objects.filter(batch_id=batch_id, status=ItemStatus.RUNNING, lease_expires_at__lt=now)
+        taken = list(expired.select_for_update().values_list("pk", flat=True))
+        cleared = {"lease_owner": "", "lease_expires_at": None}
+        if batch.status == BatchStatus.CANCELLING:
+            count = expired.update(
+                status=ItemStatus.CANCELLED, finished_at=now, error="Cancelled; its worker was lost.", **cleared
+            )
+            batch.cancelled_items += count
+        else:
+            failed = expired.filter(attempts__gte=batch.max_attempts).update(
+                status=ItemStatus.FAILED,
+                finished_at=now,
+                error=f"Its worker was lost (lease expired) on the last of {batch.max_attempts} attempts.",
+                **cleared,
+            )
+            batch.failed_items += failed
+            count = failed + expired.update(status=ItemStatus.PENDING, started_at=None, **cleared)
+        batch.running_items -= count
+        finalize_if_done(batch, now)
+        save_counters(batch)
+        notify(batch_id, "recovered", taken)
+    if count:
+        logger.warning("recovered expired leases", extra={"batch_id": str(batch_id), "items": count})
+    return count
+
+
+def register_worker(*, worker_id: str, hostname: str, pid: int, concurrency: int, lease_seconds: float) -> None:
+    """Record a starting worker; refuse an id whose holder still heartbeats.
+
+    Raises InvalidValue when another live worker already uses `worker_id`.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        existing = BatchWorker.objects.select_for_update().filter(pk=worker_id).first()
+        alive_since = now - timedelta(seconds=lease_seconds)
+        if existing and existing.stopped_at is None and existing.heartbeat_at > alive_since:
+            raise InvalidValue(
+                "worker_id", f"worker id {worker_id!r} is in use by pid {existing.pid} on {existing.hostname}"
+            )
+        BatchWorker.objects.update_or_create(
+            pk=worker_id,
+            defaults={
+                "hostname": hostname,
+                "pid": pid,
+                "concurrency": concurrency,
+                "heartbeat_at": now,
+                "started_at": now,
+                "stopped_at": None,
+            },
+        )
+
+
+def unregister_worker(*, worker_id: str) -> None:
+    BatchWorker.objects.filter(pk=worker_id).update(stopped_at=timezone.now())
