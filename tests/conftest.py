@@ -79,6 +79,18 @@ def _close_sync_thread_connection() -> Iterator[None]:
 
 
 @pytest.fixture
+def no_throttle(settings: Any) -> Iterator[None]:
+    """Submit and cancel unthrottled (the throttles count in the default cache)."""
+    from django.core.cache import cache
+
+    settings.BATCH_SUBMIT_THROTTLE_RATE = ""
+    settings.BATCH_CANCEL_THROTTLE_RATE = ""
+    cache.clear()
+    yield
+    cache.clear()
+
+
+@pytest.fixture
 def submit() -> Callable[..., BatchJob]:
     """Submit a batch through the service: submit("demo.sleep", [{"seconds": 0}], max_parallel=2)."""
 

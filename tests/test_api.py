@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,6 +15,7 @@ from batch.api.exceptions import server_error
 from batch.models import BatchJob, BatchStatus
 from batch.notify import control_watcher
 from tests.conftest import grant
+from tests.problems import assert_problem
 
 pytestmark = pytest.mark.django_db
 
@@ -54,15 +54,6 @@ def _fresh_throttle() -> Iterator[None]:
     cache.clear()  # the submit throttle counts in the default cache
     yield
     cache.clear()
-
-
-def assert_problem(response: Any, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.content
-    assert response["Content-Type"] == "application/problem+json"
-    body: dict[str, Any] = json.loads(response.content)
-    assert {"type", "title", "status", "detail", "instance"} <= body.keys()
-    assert body["status"] == status
-    return body
 
 
 def sleep_items(n: int, **params: Any) -> list[dict[str, Any]]:

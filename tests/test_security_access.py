@@ -8,13 +8,11 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth.models import Group, Permission
-from django.core.cache import cache
 from django.test import Client
 
 from batch import services
@@ -22,16 +20,9 @@ from batch.models import BatchJob
 from tests.conftest import ROOT, grant
 from tests.test_consumers import communicator, session_cookie
 
+pytestmark = pytest.mark.usefixtures("no_throttle")
+
 TIMEOUT = 10
-
-
-@pytest.fixture(autouse=True)
-def _no_throttle(settings: Any) -> Iterator[None]:
-    settings.BATCH_SUBMIT_THROTTLE_RATE = ""
-    settings.BATCH_CANCEL_THROTTLE_RATE = ""
-    cache.clear()
-    yield
-    cache.clear()
 
 
 @pytest.fixture

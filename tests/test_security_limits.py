@@ -3,36 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.core.cache import cache
 from django.db import DatabaseError
 
 from batch import services
 from batch.models import BatchAuditEvent, BatchJob, BatchJobItem
+from tests.problems import assert_problem
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _no_throttle(settings: Any) -> Iterator[None]:
-    settings.BATCH_SUBMIT_THROTTLE_RATE = ""
-    settings.BATCH_CANCEL_THROTTLE_RATE = ""
-    cache.clear()
-    yield
-    cache.clear()
-
-
-def problem(response: Any, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.content
-    assert response["Content-Type"] == "application/problem+json"
-    body: dict[str, Any] = json.loads(response.content)
-    assert {"type", "title", "status", "detail", "instance"} <= body.keys()
-    assert "Traceback" not in response.content.decode()
-    return body
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("no_throttle")]
 
 
 def post_raw(client: Any, body: str | bytes, content_type: str = "application/json", **extra: Any) -> Any:
@@ -52,20 +33,20 @@ def submit_body(items: Any, **extra: Any) -> str:
 
 def test_oversized_body_is_413(api_client: Any, settings: Any) -> None:
     settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2048
-    problem(post_raw(api_client, submit_body([{"pad": "x" * 3000}])), 413)
+    assert_problem(post_raw(api_client, submit_body([{"pad": "x" * 3000}])), 413)
     assert_nothing_written()
 
 
 def test_too_many_items_is_413_naming_items(api_client: Any, settings: Any) -> None:
     settings.BATCH_MAX_ITEMS_PER_BATCH = 5
-    body = problem(post_raw(api_client, submit_body([{}] * 6)), 413)
+    body = assert_problem(post_raw(api_client, submit_body([{}] * 6)), 413)
     assert "items" in body["errors"]
     assert_nothing_written()
 
 
 def test_oversized_item_params_is_400_with_index(api_client: Any, settings: Any) -> None:
     settings.BATCH_MAX_ITEM_PARAMS_BYTES = 100
-    body = problem(post_raw(api_client, submit_body([{}, {"pad": "x" * 200}])), 400)
+    body = assert_problem(post_raw(api_client, submit_body([{}, {"pad": "x" * 200}])), 400)
     assert list(body["errors"]["items"]) == ["1"]
     assert "bytes" in body["errors"]["items"]["1"][0]
     assert_nothing_written()
@@ -75,14 +56,14 @@ def test_deeply_nested_params_are_400_with_index(api_client: Any) -> None:
     nested: Any = 1
     for _ in range(25):
         nested = {"a": nested}
-    body = problem(post_raw(api_client, submit_body([{}, {}, nested])), 400)
+    body = assert_problem(post_raw(api_client, submit_body([{}, {}, nested])), 400)
     assert "Nested deeper" in body["errors"]["items"]["2"][0]
     assert_nothing_written()
 
 
 def test_pathologically_deep_json_is_400_not_500(api_client: Any) -> None:
     deep = '{"handler": "demo.noop", "items": [' + "[" * 50_000 + "]" * 50_000 + "]}"
-    assert "nested too deeply" in problem(post_raw(api_client, deep), 400)["detail"]
+    assert "nested too deeply" in assert_problem(post_raw(api_client, deep), 400)["detail"]
     assert_nothing_written()
 
 
@@ -99,12 +80,12 @@ def test_pathologically_deep_json_is_400_not_500(api_client: Any) -> None:
     ids=["value", "key", "nested"],
 )
 def test_nul_anywhere_in_params_is_400_with_index(api_client: Any, body: str) -> None:
-    assert "0" in problem(post_raw(api_client, body), 400)["errors"]["items"]
+    assert "0" in assert_problem(post_raw(api_client, body), 400)["errors"]["items"]
     assert_nothing_written()
 
 
 def test_nul_in_name_is_400_naming_name(api_client: Any) -> None:
-    assert "name" in problem(post_raw(api_client, submit_body([{}], name="x\x00")), 400)["errors"]
+    assert "name" in assert_problem(post_raw(api_client, submit_body([{}], name="x\x00")), 400)["errors"]
     assert_nothing_written()
 
 
@@ -112,13 +93,13 @@ def test_nul_or_long_idempotency_key_is_400(api_client: Any) -> None:
     for key in ("a\x00b", "k" * 256):
         assert (
             "Idempotency-Key"
-            in problem(post_raw(api_client, submit_body([{}]), HTTP_IDEMPOTENCY_KEY=key), 400)["errors"]
+            in assert_problem(post_raw(api_client, submit_body([{}]), HTTP_IDEMPOTENCY_KEY=key), 400)["errors"]
         )
     assert_nothing_written()
 
 
 def test_long_name_is_400(api_client: Any) -> None:
-    assert "name" in problem(post_raw(api_client, submit_body([{}], name="n" * 201)), 400)["errors"]
+    assert "name" in assert_problem(post_raw(api_client, submit_body([{}], name="n" * 201)), 400)["errors"]
 
 
 # --- shape of the body ---------------------------------------------------------------------------------
@@ -138,19 +119,22 @@ def test_long_name_is_400(api_client: Any) -> None:
     ids=["not-json", "not-utf8", "nan", "duplicate-key", "not-an-object", "text-plain", "xml"],
 )
 def test_malformed_bodies_are_problems(api_client: Any, body: Any, content_type: str, status: int) -> None:
-    problem(post_raw(api_client, body, content_type), status)
+    assert_problem(post_raw(api_client, body, content_type), status)
     assert_nothing_written()
 
 
 def test_unknown_top_level_field_is_400_naming_it(api_client: Any) -> None:
-    body = problem(post_raw(api_client, submit_body([{}], max_paralel=2)), 400)
+    body = assert_problem(post_raw(api_client, submit_body([{}], max_paralel=2)), 400)
     assert body["errors"] == {"max_paralel": ["Unknown field."]}
     assert_nothing_written()
 
 
 @pytest.mark.parametrize("max_parallel", [0, -1, 10_001, 2**63, "many", 1.5, None])
 def test_max_parallel_out_of_range_is_400(api_client: Any, max_parallel: Any) -> None:
-    assert "max_parallel" in problem(post_raw(api_client, submit_body([{}], max_parallel=max_parallel)), 400)["errors"]
+    assert (
+        "max_parallel"
+        in assert_problem(post_raw(api_client, submit_body([{}], max_parallel=max_parallel)), 400)["errors"]
+    )
     assert_nothing_written()
 
 
@@ -162,7 +146,7 @@ def test_resize_refuses_unknown_fields_and_bad_values(api_client: Any, user: Any
         '{"max_parallel": 0}',
         '{"max_parallel": 2, "max_parallel": 3}',
     ):
-        problem(api_client.patch(url, body, content_type="application/json"), 400)
+        assert_problem(api_client.patch(url, body, content_type="application/json"), 400)
     batch.refresh_from_db()
     assert (batch.max_parallel, batch.status) == (4, "pending")
 
@@ -173,7 +157,8 @@ def test_drain_timeout_out_of_range_is_400_and_cancels_nothing(
 ) -> None:
     batch = submit("demo.sleep", [{"seconds": 1}], created_by=user)
     assert (
-        "drain_timeout" in problem(api_client.delete(f"/api/batches/{batch.pk}/?drain_timeout={value}"), 400)["errors"]
+        "drain_timeout"
+        in assert_problem(api_client.delete(f"/api/batches/{batch.pk}/?drain_timeout={value}"), 400)["errors"]
     )
     batch.refresh_from_db()
     assert batch.status == "pending"
@@ -210,7 +195,7 @@ def test_database_error_answers_500_problem_without_sql_or_traceback(
 
     monkeypatch.setattr(services, "submit_batch", broken)
     response = post_raw(api_client, submit_body([{}]))
-    body = problem(response, 500)
+    body = assert_problem(response, 500)
     assert body["detail"] == "The server failed to handle this request."
     assert "SELECT" not in response.content.decode()
     assert "batch_job" not in response.content.decode()
