@@ -35,6 +35,7 @@ from batch.store import DatabaseStore, call_db
 logger = logging.getLogger(__name__)
 
 ABORT_GRACE_SECONDS = 10.0  # after giving items back, how long runs may take to wind down
+UNREGISTER_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,12 @@ class Worker:
                 await self.observer(self, final=True)
         finally:
             self.executor.shutdown(wait=False, cancel_futures=True)
-            await call_db(services.unregister_worker, worker_id=config.worker_id)
+            try:  # bounded: with the database down, exit anyway (the heartbeat just goes stale)
+                await asyncio.wait_for(
+                    call_db(services.unregister_worker, worker_id=config.worker_id), UNREGISTER_TIMEOUT
+                )
+            except TimeoutError:
+                logger.warning("could not unregister the worker", extra={"worker_id": config.worker_id})
             logger.info("worker stopped", extra={"worker_id": config.worker_id})
 
     def stop(self) -> None:

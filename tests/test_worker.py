@@ -210,3 +210,19 @@ async def test_a_signal_during_the_dispatch_query_starts_no_new_run() -> None:
     async with asyncio.TaskGroup() as group:
         worker._start(group, batch.id, "demo.noop", 4)
     assert worker.runners == {}
+
+
+async def test_worker_exits_even_when_it_cannot_unregister(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database went away at shutdown: the worker still exits (its heartbeat goes stale)."""
+    import threading
+
+    from batch import worker as worker_module
+
+    database_back = threading.Event()
+    monkeypatch.setattr(worker_module, "UNREGISTER_TIMEOUT", 0.1)
+    monkeypatch.setattr(services, "unregister_worker", lambda **kwargs: database_back.wait(TIMEOUT * 2))
+    try:
+        await run_worker()
+        assert not database_back.is_set()
+    finally:
+        database_back.set()
