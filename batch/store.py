@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
 from asgiref.sync import sync_to_async
@@ -76,8 +76,14 @@ class GroupCommit:
     they free the cap it claims from): under load one transaction completes and claims many.
     """
 
-    def __init__(self, write: Callable[[list[Outcome], int], Claim]) -> None:
+    def __init__(
+        self,
+        write: Callable[[list[Outcome], int], Claim],
+        *,
+        release: Callable[[list[int]], Awaitable[None]] | None = None,
+    ) -> None:
         self._write = write
+        self._release = release
         self._queue: list[Outcome] = []
         self._next: asyncio.Future[None] | None = None
         self._claim: tuple[int, asyncio.Future[Claim]] | None = None
@@ -140,6 +146,10 @@ class GroupCommit:
                     written.set_result(None)
                 if claimed is not None and not claimed.done():
                     claimed.set_result(result)
+                elif claimed is not None and result.items and self._release is not None:
+                    # Its caller was cancelled during the write: give the items back now
+                    # rather than leave them running, unrun, until their lease expires.
+                    await self._release([item.id for item in result.items])
 
 
 class DatabaseStore:
@@ -149,7 +159,7 @@ class DatabaseStore:
         self.batch_id = batch_id
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
-        self._writes = GroupCommit(self._write)
+        self._writes = GroupCommit(self._write, release=self.release)
 
     async def claim(self, limit: int) -> Claim:
         return await self._writes.claim(limit)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from django.db import DataError
 
 from batch.models import ItemStatus
-from batch.services import Claim, Outcome
+from batch.services import Claim, ClaimedItem, Outcome
 from batch.store import GroupCommit
 
 
@@ -36,3 +37,27 @@ async def test_a_refused_outcome_fails_alone_and_the_claim_still_happens() -> No
     assert by_id[2].status == ItemStatus.FAILED
     assert "could not be stored" in by_id[2].error
     assert 4 in claimed
+
+
+async def test_a_claim_whose_caller_was_cancelled_is_given_back() -> None:
+    writing, proceed = threading.Event(), threading.Event()
+    released: list[list[int]] = []
+
+    def write(outcomes: list[Outcome], limit: int) -> Claim:
+        writing.set()
+        proceed.wait(10)
+        return Claim(items=[ClaimedItem(id=7, index=0, params={}, attempt=1)], pending=0, status="running")
+
+    async def release(item_ids: list[int]) -> None:
+        released.append(item_ids)
+
+    commit = GroupCommit(write, release=release)
+    caller = asyncio.create_task(commit.claim(1))
+    await asyncio.to_thread(writing.wait, 10)
+    caller.cancel()
+    proceed.set()
+    async with asyncio.timeout(10):
+        while not released:
+            await asyncio.sleep(0.01)
+    assert released == [[7]]
+    assert caller.cancelled()
