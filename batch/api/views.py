@@ -161,7 +161,8 @@ class BatchViewSet(GenericViewSet):
         if result.outcome is services.CancelOutcome.NOT_FOUND:
             raise exceptions.NotFound()
         if result.outcome is services.CancelOutcome.TERMINAL:
-            raise Conflict(f"The batch has already finished ({batch.status}).")
+            status = result.batch.status if result.batch else batch.status  # as it is now, not as read before
+            raise Conflict(f"The batch has already finished ({status}).")
         waited = await drain.wait_while_cancelling(batch.pk, fetch=lambda: self._fresh(batch.pk), seconds=timeout)
         if waited is None:
             raise exceptions.NotFound()
