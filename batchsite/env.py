@@ -54,3 +54,17 @@ def env_float(name: str, default: float, *, minimum: float | None = None) -> flo
 
 def env_list(name: str, default: str) -> list[str]:
     return [part.strip() for part in os.environ.get(name, default).split(",") if part.strip()]
+
+
+def current_database_url() -> str:
+    """DATABASE_URL naming the database this process is connected to, for child processes
+    (the workers that tests and benchmarks start use the same, e.g. test, database)."""
+    from django.db import connection
+
+    params = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{params['NAME']}"
+    user = params.get("USER") or "postgres"
+    password = f":{params['PASSWORD']}" if params.get("PASSWORD") else ""
+    host, port = params.get("HOST") or "127.0.0.1", params.get("PORT") or 5432
+    return f"postgres://{user}{password}@{host}:{port}/{params['NAME']}"

@@ -19,6 +19,7 @@ from pathlib import Path
 from django.db import connection
 
 from batch.models import TERMINAL_BATCH_STATUSES, BatchJob, BatchWorker
+from batchsite.env import current_database_url
 
 logger = logging.getLogger(__name__)
 
@@ -26,15 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def database_url() -> str:
-    """DATABASE_URL of the database this process uses (also for the workers it starts)."""
-    params = connection.settings_dict
-    if connection.vendor == "sqlite":
-        return f"sqlite:///{params['NAME']}"
-    user = params.get("USER") or "postgres"
-    password = f":{params['PASSWORD']}" if params.get("PASSWORD") else ""
-    host, port = params.get("HOST") or "127.0.0.1", params.get("PORT") or 5432
-    return f"postgres://{user}{password}@{host}:{port}/{params['NAME']}"
+database_url = current_database_url  # the workers it starts use this process's database
 
 
 def is_postgres() -> bool:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from batch import services
 from batch.models import BatchJob, BatchWorker
 from tests.cluster_handlers import EVENTS_ENV, WORKER_ENV, Event, read_events
 from tests.conftest import worker_log
@@ -38,6 +39,12 @@ def wait_until(check: Callable[[], T], *, timeout: float, interval: float = 0.05
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def submit(count: int, seconds: float, *, max_parallel: int, cooperative: bool = True) -> BatchJob:
+    """A batch of `count` instrumented `cluster.sleep` items."""
+    items = [{"seconds": seconds, "cooperative": cooperative} for _ in range(count)]
+    return services.submit_batch(handler="cluster.sleep", items=items, max_parallel=max_parallel).batch
 
 
 @dataclass

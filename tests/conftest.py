@@ -18,11 +18,12 @@ from typing import Any
 
 import pytest
 from asgiref.sync import SyncToAsync
-from django.db import connection, connections
+from django.db import connections
 
 from batch import services
 from batch.models import BatchJob
 from batch.selectors import counter_mismatches
+from batchsite.env import current_database_url
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE_SKIP = "needs service:"
@@ -147,16 +148,7 @@ def api_client(client_for: Callable[[Any], Any], user: Any) -> Any:
     return client_for(user)
 
 
-def database_url_for_subprocess() -> str:
-    """DATABASE_URL that points a child process at the test database of this run."""
-    params = connection.settings_dict
-    if connection.vendor == "sqlite":
-        return f"sqlite:///{params['NAME']}"
-    user = params.get("USER") or "postgres"
-    password = f":{params['PASSWORD']}" if params.get("PASSWORD") else ""
-    return (
-        f"postgres://{user}{password}@{params.get('HOST') or '127.0.0.1'}:{params.get('PORT') or 5432}/{params['NAME']}"
-    )
+database_url_for_subprocess = current_database_url
 
 
 @pytest.fixture

@@ -12,10 +12,9 @@ from typing import Any
 import pytest
 from django.db import connection
 
-from batch import services
-from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
+from batch.models import BatchJobItem, BatchStatus, ItemStatus
 from tests.cluster_handlers import Event  # importing registers cluster.sleep
-from tests.cluster_support import FAST_LEASES, SPREAD, Cluster, wait_until
+from tests.cluster_support import FAST_LEASES, SPREAD, Cluster, submit, wait_until
 from tests.conftest import database_url_for_subprocess
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -26,11 +25,6 @@ LEASE = float(FAST_LEASES["BATCH_LEASE_SECONDS"])
 @pytest.fixture
 def cluster(start_worker: Any, tmp_path: Path) -> Cluster:
     return Cluster(start_worker=start_worker, events_file=tmp_path / "events.log")
-
-
-def submit(count: int, seconds: float, *, max_parallel: int, cooperative: bool = True) -> BatchJob:
-    items = [{"seconds": seconds, "cooperative": cooperative} for _ in range(count)]
-    return services.submit_batch(handler="cluster.sleep", items=items, max_parallel=max_parallel).batch
 
 
 def in_flight(events: list[Event], worker: str) -> set[int]:

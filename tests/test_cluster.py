@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from batch import services
-from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
+from batch.models import BatchJobItem, BatchStatus, ItemStatus
 from tests.cluster_handlers import Event, peak_concurrency  # importing registers cluster.sleep
-from tests.cluster_support import SPREAD, Cluster, wait_until
+from tests.cluster_support import SPREAD, Cluster, submit, wait_until
 from tests.conftest import worker_log
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -22,11 +22,6 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.django_db(tran
 @pytest.fixture
 def cluster(start_worker: Any, tmp_path: Path) -> Cluster:
     return Cluster(start_worker=start_worker, events_file=tmp_path / "events.log")
-
-
-def submit(count: int, seconds: float, *, max_parallel: int, cooperative: bool = True) -> BatchJob:
-    items = [{"seconds": seconds, "cooperative": cooperative} for _ in range(count)]
-    return services.submit_batch(handler="cluster.sleep", items=items, max_parallel=max_parallel).batch
 
 
 def test_three_workers_hold_the_cluster_wide_cap_exactly(cluster: Cluster, record_property: Any) -> None:
