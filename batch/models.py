@@ -162,6 +162,12 @@ class BatchJobItem(models.Model):
                 condition=Q(status="running"),
                 name="batch_item_running_owner_idx",
             ),
+            # Reservations: pending items a worker holds for its next handovers (leased too).
+            models.Index(
+                fields=["lease_expires_at"],
+                condition=Q(status="pending", lease_expires_at__isnull=False),
+                name="batch_item_reserved_lease_idx",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import time
 import uuid
 import weakref
 from collections.abc import Callable
@@ -30,6 +32,11 @@ from batch.services import Claim, ClaimedItem, Outcome
 logger = logging.getLogger(__name__)
 
 MAX_CLAIM = 64  # items claimed in one transaction at most
+# Reserve enough items per running one to keep its slot busy this long without the database
+# (a few step round trips); at least one, at most MAX_DEPTH.
+HANDOVER_HORIZON = 0.01
+MAX_DEPTH = 16
+DURATION_WEIGHT = 0.2  # of the newest item in the moving average of item durations
 
 
 class BatchStore(Protocol):
@@ -43,6 +50,19 @@ class BatchStore(Protocol):
 
     async def release(self, item_ids: list[int]) -> None: ...
 
+    # Reservations (see `batch.store.DatabaseStore`); a store without them returns None / [].
+    reserve_target: int
+
+    def take_reserved(self) -> ClaimedItem | None:
+        """A reserved item to start in place of one that finished (a handover), or None."""
+        ...
+
+    def reserved_item_ids(self) -> list[int]: ...
+
+    async def close(self) -> None:
+        """Give the reservations back; hand nothing over any more."""
+        ...
+
 
 class Limiter:
     """An `asyncio.Semaphore` whose capacity can change while permits are held.
@@ -55,9 +75,23 @@ class Limiter:
         self.capacity = capacity
         self._semaphore = asyncio.Semaphore(capacity)
         self._debt = 0
+        self._waiting = 0
 
     async def acquire(self) -> None:
-        await self._semaphore.acquire()
+        self._waiting += 1
+        try:
+            await self._semaphore.acquire()
+        finally:
+            self._waiting -= 1
+
+    @property
+    def has_waiters(self) -> bool:
+        return self._waiting > 0
+
+    @property
+    def in_debt(self) -> bool:
+        """Shrunk below the permits held: the next releases are taken back."""
+        return self._debt > 0
 
     def try_acquire(self) -> bool:
         if self._semaphore.locked():
@@ -129,6 +163,8 @@ class BatchRunner:
         self._superseded: weakref.WeakSet[asyncio.Task[None]] = weakref.WeakSet()
         self._forced = False
         self._releasing = False
+        self._group: asyncio.TaskGroup | None = None
+        self._mean_duration: float | None = None
 
     # --- control, called by the worker --------------------------------------------------
 
@@ -139,6 +175,11 @@ class BatchRunner:
     @property
     def running_item_ids(self) -> list[int]:
         return list(self._running)
+
+    @property
+    def leased_item_ids(self) -> list[int]:
+        """Items whose leases this worker renews: running here, or reserved for it."""
+        return [*self._running, *self.store.reserved_item_ids()]
 
     def resize(self, parallel: int) -> None:
         if parallel != self._limiter.capacity:
@@ -180,11 +221,13 @@ class BatchRunner:
     async def run(self) -> None:
         """Claim and run items until none is left to claim, then wait for the running ones."""
         async with asyncio.TaskGroup() as group:
+            self._group = group
             while not self._should_stop():
                 slots = await self._acquire_slots()
                 if slots == 0:
                     break
                 self._wakeup.clear()  # before the claim: a wake-up during it is not lost
+                self._set_reserve_target(len(self._running) + slots)
                 try:
                     claim = await self.store.claim(slots)
                 except BaseException:
@@ -194,14 +237,36 @@ class BatchRunner:
                 for _ in range(slots - len(claim.items)):
                     self._release_slot()
                 for item in claim.items:
-                    self._supersede(item.id)
-                    self._running[item.id] = group.create_task(self._run_item(item))
-                    self.stats.started += 1
-                    self.stats.peak_running = max(self.stats.peak_running, len(self._running))
+                    self._start(item)
                 if not claim.items:
                     if claim.pending == 0 or claim.status not in ("pending", "running"):
                         break
                     await self._wait_for_wakeup()  # cap reached by other workers' items
+            await self.store.close()
+
+    def _start(self, item: ClaimedItem) -> None:
+        assert self._group is not None
+        self._supersede(item.id)
+        self._running[item.id] = self._group.create_task(self._run_item(item))
+        self.stats.started += 1
+        self.stats.peak_running = max(self.stats.peak_running, len(self._running))
+
+    def _set_reserve_target(self, running: int) -> None:
+        """Reserve for `running` slots as many items as they get through in the horizon."""
+        if self._should_stop():
+            self.store.reserve_target = 0
+            return
+        mean = self._mean_duration
+        depth = 1 if mean is None else max(1, min(MAX_DEPTH, math.ceil(HANDOVER_HORIZON / max(mean, 1e-6))))
+        self.store.reserve_target = depth * min(running, self.parallel)
+
+    def _successor(self) -> ClaimedItem | None:
+        """The reserved item to start in the slot of one that just finished, if any may."""
+        if self._should_stop() or self._limiter.in_debt:
+            return None
+        if self._worker_slots is not None and (self._worker_slots.has_waiters or self._worker_slots.in_debt):
+            return None  # another batch of this worker may wait for a slot: let this one go
+        return self.store.take_reserved()
 
     def _should_stop(self) -> bool:
         return self.cancel_event.is_set() or self._stop_claiming.is_set()
@@ -240,11 +305,18 @@ class BatchRunner:
     async def _run_item(self, item: ClaimedItem) -> None:
         finished = False
         try:
+            began = time.monotonic()
             outcome = await self._execute(item)
-            # The slot is free once the outcome is queued: `complete` takes it before it first
-            # suspends, so the claim this frees is written after it, in the same transaction.
-            self._finish(item)
+            self._observe(time.monotonic() - began)
+            # A reserved successor takes the slot at once; its handover is queued before this
+            # outcome, so both are written together. Otherwise the slot is free once the
+            # outcome is queued: `complete` takes it before it first suspends, so the claim
+            # this frees is written after it, in the same transaction.
+            successor = self._successor()
+            self._finish(item, keep_slot=successor is not None)
             finished = True
+            if successor is not None:
+                self._start(successor)
             await self.store.complete([outcome])
         except asyncio.CancelledError:
             if not finished and asyncio.current_task() not in self._superseded:
@@ -263,12 +335,18 @@ class BatchRunner:
             self._superseded.add(stale)
             stale.cancel()
 
-    def _finish(self, item: ClaimedItem) -> None:
+    def _finish(self, item: ClaimedItem, *, keep_slot: bool = False) -> None:
         if self._running.get(item.id) is asyncio.current_task():
             del self._running[item.id]
         self.stats.finished += 1
-        self._release_slot()
-        self._wakeup.set()
+        if not keep_slot:
+            self._release_slot()
+            self._wakeup.set()
+
+    def _observe(self, duration: float) -> None:
+        mean = self._mean_duration
+        self._mean_duration = duration if mean is None else mean + DURATION_WEIGHT * (duration - mean)
+        self._set_reserve_target(len(self._running))
 
     async def _settle_cancelled(self, item: ClaimedItem) -> None:
         """Only a force cancel ends the item cancelled; any other cancellation of its task

@@ -10,9 +10,12 @@ one transaction completes and claims many items.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
 from asgiref.sync import sync_to_async
@@ -20,7 +23,7 @@ from django.db import DatabaseError, InterfaceError, InternalError, OperationalE
 
 from batch import services
 from batch.models import ItemStatus
-from batch.services import Claim, Outcome
+from batch.services import Claim, ClaimedItem, Handover, Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,7 @@ T = TypeVar("T")
 
 RETRY_FIRST_DELAY = 0.05
 RETRY_MAX_DELAY = 5.0
+MAX_RESERVED = 256  # reserved items one worker holds per batch at most
 
 
 def _reset_connection() -> None:
@@ -68,26 +72,52 @@ def unstorable(outcome: Outcome, exc: Exception) -> Outcome:
     return Outcome(outcome.item_id, ItemStatus.FAILED, error=error, finished_at=outcome.finished_at)
 
 
+@dataclass
+class Step:
+    """One write: what a worker tells the database about one batch, and what it asks for."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    started: list[Handover] = field(default_factory=list)
+    claim: int = 0
+    promote: list[int] = field(default_factory=list)
+    reserve: int = 0
+
+
 class GroupCommit:
-    """Coalesces completions, and the claim that follows them, into one write.
+    """Coalesces completions, handovers and the claim that follows them into one write.
 
     Completions queued while a write is in flight go together in the next one. A claim
     rides in the same write as the completions queued before it (they are written first, so
     they free the cap it claims from): under load one transaction completes and claims many.
+    A handover is queued before the completion of the item it replaces, so both are in the
+    same write and the running count in the database never drops below what runs here.
+
+    `plan` may add to a step just before it is written; `settle` sees every step's result
+    (None if the write failed) before its waiters wake.
     """
 
     def __init__(
         self,
-        write: Callable[[list[Outcome], int], Claim],
+        write: Callable[[Step], Claim],
         *,
         release: Callable[[list[int]], Awaitable[None]] | None = None,
+        plan: Callable[[Step], None] | None = None,
+        settle: Callable[[Step, Claim | None], Awaitable[None]] | None = None,
     ) -> None:
         self._write = write
         self._release = release
+        self._plan = plan
+        self._settle = settle
         self._queue: list[Outcome] = []
+        self._started: list[Handover] = []
         self._next: asyncio.Future[None] | None = None
         self._claim: tuple[int, asyncio.Future[Claim]] | None = None
         self._drainer: asyncio.Task[None] | None = None
+
+    def hand_over(self, handover: Handover) -> None:
+        """Queue a handover; it is written with the next completions (queue those at once)."""
+        self._started.append(handover)
+        self._ensure_drainer()
 
     async def submit(self, outcomes: list[Outcome]) -> None:
         """Queue `outcomes` at once (before suspending) and wait until they are written."""
@@ -107,41 +137,52 @@ class GroupCommit:
         self._ensure_drainer()
         return await claimed
 
-    async def _write_isolating_refusals(self, outcomes: list[Outcome], limit: int) -> Claim:
+    async def _write_isolating_refusals(self, step: Step) -> Claim:
         """Write; if the database refuses the group (a value it cannot store), write the
         outcomes one by one so only the offending item fails, then claim on its own."""
         try:
-            return await call_db(self._write, outcomes, limit)
+            return await call_db(self._write, step)
         except DatabaseError:
-            if not outcomes:
+            if not step.outcomes:
                 raise
-            logger.exception("the database refused a group of %d outcomes; writing them one by one", len(outcomes))
-        for outcome in outcomes:
+            logger.exception("the database refused a group of %d outcomes; writing them one by one", len(step.outcomes))
+        refused: list[int] = []
+        if step.started:  # first: the items they replace are among the outcomes
+            refused = (await call_db(self._write, Step(started=step.started))).refused
+        for outcome in step.outcomes:
             try:
-                await call_db(self._write, [outcome], 0)
+                await call_db(self._write, Step(outcomes=[outcome]))
             except DatabaseError as exc:
-                await call_db(self._write, [unstorable(outcome, exc)], 0)
-        return await call_db(self._write, [], limit)
+                await call_db(self._write, Step(outcomes=[unstorable(outcome, exc)]))
+        rest = Step(claim=step.claim, promote=step.promote, reserve=step.reserve)
+        return dataclasses.replace(await call_db(self._write, rest), refused=refused)
 
     def _ensure_drainer(self) -> None:
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
-        while self._queue or self._claim is not None:
-            outcomes, self._queue = self._queue, []
+        while self._queue or self._started or self._claim is not None:
+            step = Step(outcomes=self._queue, started=self._started)
+            self._queue, self._started = [], []
             written, self._next = self._next, None
             claim, self._claim = self._claim, None
-            limit, claimed = claim if claim is not None else (0, None)
+            step.claim, claimed = claim if claim is not None else (0, None)
+            if self._plan is not None:
+                self._plan(step)
             try:
-                result = await self._write_isolating_refusals(outcomes, limit)
+                result = await self._write_isolating_refusals(step)
             except BaseException as exc:
+                if self._settle is not None:
+                    await self._settle(step, None)
                 for future in (written, claimed):
                     if future is not None and not future.done():
                         future.set_exception(exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             else:
+                if self._settle is not None:
+                    await self._settle(step, result)
                 if written is not None:
                     written.set_result(None)
                 if claimed is not None and not claimed.done():
@@ -153,13 +194,24 @@ class GroupCommit:
 
 
 class DatabaseStore:
-    """`BatchStore` of one batch for one worker, backed by `batch.services`."""
+    """`BatchStore` of one batch for one worker, backed by `batch.services`.
+
+    It also keeps the worker's reservations of the batch: pending items leased to this
+    worker, each started only in place of one of its items that finished (`take_reserved`),
+    so a slot goes from one item to the next without waiting for a database round trip.
+    `reserve_target` (set by the runner) is how many it tries to hold; every write tops up.
+    """
 
     def __init__(self, *, batch_id: uuid.UUID, worker_id: str, lease_seconds: float) -> None:
         self.batch_id = batch_id
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
-        self._writes = GroupCommit(self._write, release=self.release)
+        self.reserve_target = 0
+        self._reserved: deque[ClaimedItem] = deque()
+        self._promoting: dict[int, ClaimedItem] = {}
+        self._over_cap = False
+        self._closed = False
+        self._writes = GroupCommit(self._write, release=self.release, plan=self._plan, settle=self._settle)
 
     async def claim(self, limit: int) -> Claim:
         return await self._writes.claim(limit)
@@ -170,11 +222,60 @@ class DatabaseStore:
     async def release(self, item_ids: list[int]) -> None:
         await call_db(services.release_items, batch_id=self.batch_id, worker_id=self.worker_id, item_ids=item_ids)
 
-    def _write(self, outcomes: list[Outcome], claim_limit: int) -> Claim:
+    def take_reserved(self) -> ClaimedItem | None:
+        """A reserved item to start now in place of one that finished; None to free the slot."""
+        if self._over_cap or self._closed or not self._reserved:
+            return None
+        item = self._reserved.popleft()
+        self._writes.hand_over(Handover(item.id))
+        return item
+
+    def reserved_item_ids(self) -> list[int]:
+        return [item.id for item in self._reserved] + list(self._promoting)
+
+    async def close(self) -> None:
+        """Reserve nothing more and give the reservations back (cancelled if cancelling)."""
+        self._closed, self.reserve_target = True, 0
+        ids = [item.id for item in self._reserved]
+        self._reserved.clear()
+        if ids:
+            await self.release(ids)
+
+    def _plan(self, step: Step) -> None:
+        if self._closed:
+            return
+        while len(step.promote) < step.claim and self._reserved:  # a free slot takes a reserved item first
+            item = self._reserved.popleft()
+            self._promoting[item.id] = item
+            step.promote.append(item.id)
+        held = len(self._reserved) + len(self._promoting)
+        step.reserve = max(0, min(self.reserve_target, MAX_RESERVED) - held)
+
+    async def _settle(self, step: Step, result: Claim | None) -> None:
+        started = {item.id for item in result.items} if result else set()
+        kept = [self._promoting.pop(item_id) for item_id in step.promote if item_id not in started]
+        for item_id in step.promote:
+            self._promoting.pop(item_id, None)
+        if result is None:
+            self._reserved.extendleft(reversed(kept))
+            return
+        self._over_cap = result.over_cap
+        if self._closed:
+            orphans = [item.id for item in [*kept, *result.reserved]]
+            if orphans:
+                await self.release(orphans)
+            return
+        self._reserved.extendleft(reversed(kept))  # not started (cap): still reserved, first in line
+        self._reserved.extend(result.reserved)
+
+    def _write(self, step: Step) -> Claim:
         return services.complete_and_claim(
             batch_id=self.batch_id,
             worker_id=self.worker_id,
-            outcomes=outcomes,
-            claim_limit=claim_limit,
+            outcomes=step.outcomes,
+            claim_limit=step.claim,
             lease_seconds=self.lease_seconds,
+            started=step.started,
+            promote=step.promote,
+            reserve_limit=step.reserve,
         )

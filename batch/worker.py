@@ -289,7 +289,7 @@ class Worker:
             await self._sleep_unless_closed(self.config.heartbeat_seconds)
 
     async def _heartbeat_once(self) -> None:
-        running = [item_id for runner in self.runners.values() for item_id in runner.running_item_ids]
+        running = [item_id for runner in self.runners.values() for item_id in runner.leased_item_ids]
         await call_db(
             services.renew_leases,
             worker_id=self.config.worker_id,

@@ -43,6 +43,17 @@ class MemoryStore:
     async def release(self, item_ids: list[int]) -> None:
         self.released.extend(item_ids)
 
+    reserve_target = 0
+
+    def take_reserved(self) -> ClaimedItem | None:
+        return None
+
+    def reserved_item_ids(self) -> list[int]:
+        return []
+
+    async def close(self) -> None:
+        pass
+
     def count(self, status: ItemStatus) -> int:
         return sum(1 for o in self.outcomes.values() if o.status == status)
 

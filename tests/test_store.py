@@ -9,14 +9,15 @@ from django.db import DataError
 
 from batch.models import ItemStatus
 from batch.services import Claim, ClaimedItem, Outcome
-from batch.store import GroupCommit
+from batch.store import GroupCommit, Step
 
 
 async def test_a_refused_outcome_fails_alone_and_the_claim_still_happens() -> None:
     written: list[Outcome] = []
     claimed: list[int] = []
 
-    def write(outcomes: list[Outcome], limit: int) -> Claim:
+    def write(step: Step) -> Claim:
+        outcomes, limit = step.outcomes, step.claim
         if (len(outcomes) > 1 and any(o.error == "poison" for o in outcomes)) or [o.error for o in outcomes] == [
             "poison"
         ]:
@@ -43,7 +44,7 @@ async def test_a_claim_whose_caller_was_cancelled_is_given_back() -> None:
     writing, proceed = threading.Event(), threading.Event()
     released: list[list[int]] = []
 
-    def write(outcomes: list[Outcome], limit: int) -> Claim:
+    def write(step: Step) -> Claim:
         writing.set()
         proceed.wait(10)
         return Claim(items=[ClaimedItem(id=7, index=0, params={}, attempt=1)], pending=0, status="running")

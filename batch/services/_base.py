@@ -89,9 +89,24 @@ class ClaimedItem:
 
 @dataclass(frozen=True)
 class Claim:
+    """What one step of a worker got: items to start now, items reserved for later."""
+
     items: list[ClaimedItem]
-    pending: int  # items of the batch still pending after this claim
+    pending: int  # items of the batch still pending after this claim (reserved ones included)
     status: str
+    # Pending items held for this worker: each may start only in place of one of its running
+    # items that finished (a handover), so the cap counted in the database is never exceeded.
+    reserved: list[ClaimedItem] = field(default_factory=list)
+    refused: list[int] = field(default_factory=list)  # handovers the database did not accept
+    over_cap: bool = False  # more items run than the cap allows (it was lowered): hand nothing over
+
+
+@dataclass(frozen=True)
+class Handover:
+    """A reserved item this worker started in place of a finished one, and when."""
+
+    item_id: int
+    started_at: datetime = field(default_factory=timezone.now)
 
 
 @dataclass(frozen=True)

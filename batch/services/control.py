@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 def request_cancel(*, batch_id: uuid.UUID, by: Actor = None) -> CancelResult:
-    """Start cancelling: the batch → cancelling, its pending items → cancelled at once.
+    """Start cancelling: the batch → cancelling, its unreserved pending items → cancelled at once.
 
     Workers see the request (notification, else their poll) and stop the running items
     cooperatively; the last one to stop moves the batch to cancelled.
@@ -50,7 +50,10 @@ def request_cancel(*, batch_id: uuid.UUID, by: Actor = None) -> CancelResult:
         if batch.status == BatchStatus.CANCELLING:
             return CancelResult(CancelOutcome.ALREADY_CANCELLING, batch)
         now = timezone.now()
-        cancelled = BatchJobItem.objects.filter(batch_id=batch_id, status=ItemStatus.PENDING).update(
+        # Items reserved by a worker stay: it may be starting one in place of a finished item
+        # (a handover it has not written yet). It gives them back, cancelled, when it sees
+        # the cancel; if it died, lease recovery does.
+        cancelled = BatchJobItem.objects.filter(batch_id=batch_id, status=ItemStatus.PENDING, lease_owner="").update(
             status=ItemStatus.CANCELLED, finished_at=now
         )
         audit(batch_id, AuditAction.CANCEL_REQUESTED, by, now, status=batch.status, pending_cancelled=cancelled)

@@ -27,6 +27,7 @@ from batch.services._base import (
     CONTROL_CHANNEL,
     Claim,
     ClaimedItem,
+    Handover,
     Outcome,
     apply_finished,
     chunks,
@@ -105,27 +106,92 @@ def _write_counters(batch: BatchJob, *, now: datetime, started: bool) -> None:
         cursor.execute(f"UPDATE batch_job SET {sets} WHERE id = %s", [*params, _db_uuid(batch.id)])
 
 
+def _start_reserved(batch: BatchJob, *, worker_id: str, started: Sequence[Handover], lease: datetime) -> list[int]:
+    """Reserved items the worker started in place of finished ones → running; their ids."""
+    if not started:
+        return []
+    params: list[Any] = []
+    for handover in started:
+        params += [handover.item_id, _db_time(handover.started_at)]
+    values = ", ".join(["(%s, %s)"] * len(started))
+    with _hot_cursor() as cursor:
+        cursor.execute(
+            "UPDATE batch_job_item SET status = %s, attempts = attempts + 1, started_at = v.column2,"
+            f" lease_expires_at = %s FROM (VALUES {values}) AS v WHERE batch_job_item.id = v.column1"
+            " AND batch_job_item.batch_id = %s AND batch_job_item.status = %s AND batch_job_item.lease_owner = %s"
+            " RETURNING id",
+            [ItemStatus.RUNNING, _db_time(lease), *params, _db_uuid(batch.id), ItemStatus.PENDING, worker_id],
+        )
+        accepted = [int(row[0]) for row in cursor.fetchall()]
+    batch.running_items += len(accepted)
+    return accepted
+
+
 def _claim_locked(
-    batch: BatchJob, *, worker_id: str, limit: int, lease_seconds: float, now: datetime
+    batch: BatchJob, *, worker_id: str, limit: int, promote: Sequence[int], lease: datetime, now: datetime
 ) -> list[ClaimedItem]:
-    """Move up to `limit` pending items of the locked batch to running, within its cap."""
+    """Move up to `limit` pending items of the locked batch to running, within its cap: the
+    worker's own reserved items in `promote` first, then unreserved ones in index order."""
     if batch.status not in (BatchStatus.PENDING, BatchStatus.RUNNING):
         return []
     wanted = min(limit, batch.effective_parallel - batch.running_items, batch.pending_items)
     if wanted <= 0:
         return []
+    rows = []
+    if promote:
+        marks = ", ".join(["%s"] * len(promote))
+        rows = _move_pending(
+            f'id IN ({marks}) AND batch_id = %s AND status = %s AND lease_owner = %s ORDER BY "index" LIMIT %s',
+            [*promote, _db_uuid(batch.id), ItemStatus.PENDING, worker_id, wanted],
+            worker_id=worker_id,
+            lease=lease,
+            now=now,
+        )
+    if len(rows) < wanted:
+        rows += _move_pending(
+            "batch_id = %s AND status = %s AND lease_owner = '' ORDER BY \"index\" LIMIT %s",
+            [_db_uuid(batch.id), ItemStatus.PENDING, wanted - len(rows)],
+            worker_id=worker_id,
+            lease=lease,
+            now=now,
+        )
+    batch.running_items += len(rows)
+    return _claimed_items(sorted(rows, key=lambda row: row[1]))
+
+
+def _move_pending(where: str, params: list[Any], *, worker_id: str, lease: datetime, now: datetime | None) -> list[Any]:
+    """Lease the pending items `where` selects to `worker_id`: running from `now`, or, with
+    `now` None, reserved (still pending). Rows of (id, index, params, attempts after)."""
     skip = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
-    lease = _db_time(now + timedelta(seconds=lease_seconds))
+    status, started, attempts = (ItemStatus.PENDING, None, "attempts")
+    if now is not None:
+        status, started, attempts = (ItemStatus.RUNNING, _db_time(now), "attempts + 1")
     with _hot_cursor() as cursor:
         cursor.execute(
-            "UPDATE batch_job_item SET status = %s, lease_owner = %s, lease_expires_at = %s,"
-            " attempts = attempts + 1, started_at = %s, finished_at = NULL WHERE id IN"
-            ' (SELECT id FROM batch_job_item WHERE batch_id = %s AND status = %s ORDER BY "index" LIMIT %s'
-            f'{skip}) RETURNING id, "index", params, attempts',
-            [ItemStatus.RUNNING, worker_id, lease, _db_time(now), _db_uuid(batch.id), ItemStatus.PENDING, wanted],
+            f"UPDATE batch_job_item SET status = %s, lease_owner = %s, lease_expires_at = %s, attempts = {attempts},"
+            f" started_at = %s, finished_at = NULL WHERE id IN (SELECT id FROM batch_job_item WHERE {where}{skip})"
+            ' RETURNING id, "index", params, attempts',
+            [status, worker_id, _db_time(lease), started, *params],
         )
-        rows = sorted(cursor.fetchall(), key=lambda row: row[1])
-    batch.running_items += len(rows)
+        return list(cursor.fetchall())
+
+
+def _reserve_locked(batch: BatchJob, *, worker_id: str, limit: int, lease: datetime) -> list[ClaimedItem]:
+    """Reserve up to `limit` more unreserved pending items of the locked batch for `worker_id`."""
+    if limit <= 0 or batch.status not in (BatchStatus.PENDING, BatchStatus.RUNNING):
+        return []
+    rows = _move_pending(
+        "batch_id = %s AND status = %s AND lease_owner = '' ORDER BY \"index\" LIMIT %s",
+        [_db_uuid(batch.id), ItemStatus.PENDING, limit],
+        worker_id=worker_id,
+        lease=lease,
+        now=None,
+    )
+    # A reserved item's attempt counts when it starts.
+    return _claimed_items(sorted(((i, x, p, a + 1) for i, x, p, a in rows), key=lambda row: row[1]))
+
+
+def _claimed_items(rows: Sequence[Any]) -> list[ClaimedItem]:
     return [
         ClaimedItem(id=i, index=x, params=json.loads(p) if isinstance(p, str) else p, attempt=a) for i, x, p, a in rows
     ]
@@ -162,30 +228,63 @@ def _complete_chunk(worker_id: str, outcomes: list[Outcome]) -> list[tuple[int, 
 
 
 def complete_and_claim(
-    *, batch_id: uuid.UUID, worker_id: str, outcomes: Sequence[Outcome], claim_limit: int, lease_seconds: float
+    *,
+    batch_id: uuid.UUID,
+    worker_id: str,
+    outcomes: Sequence[Outcome],
+    claim_limit: int,
+    lease_seconds: float,
+    started: Sequence[Handover] = (),
+    promote: Sequence[int] = (),
+    reserve_limit: int = 0,
 ) -> Claim:
-    """Record finished items, then claim up to `claim_limit` more: one transaction, one lock.
+    """One step of a worker on a batch, in one transaction under the batch-row lock:
 
-    Completing first frees the cap the claim takes from. Only items still running under
-    `worker_id`'s lease are written: a late result (force-cancelled, or taken over after its
-    lease expired) is discarded. The pending → running move is also the item's start.
+    1. `started`: reserved items the worker started in place of finished ones → running
+       (a handover: the finished item still counted against the cap until now);
+    2. `outcomes`: record finished items (a handed-over item may finish in the same step);
+    3. claim up to `claim_limit` items to start now, within the cap the completions freed:
+       the worker's reserved items in `promote` first, then unreserved ones;
+    4. reserve up to `reserve_limit` more pending items for later handovers.
+
+    Only items under `worker_id`'s lease are written: a late result (force-cancelled, or
+    taken over after its lease expired) is discarded, and so is a handover of a reservation
+    that was lost (`Claim.refused`). The pending → running move is the item's start.
     """
     step = _step_postgres if connection.vendor == "postgresql" else _step_locked
     claim, done, was = step(
-        batch_id=batch_id, worker_id=worker_id, outcomes=outcomes, claim_limit=claim_limit, lease_seconds=lease_seconds
+        batch_id=batch_id,
+        worker_id=worker_id,
+        outcomes=outcomes,
+        claim_limit=claim_limit,
+        lease_seconds=lease_seconds,
+        started=started,
+        promote=promote,
+        reserve_limit=reserve_limit,
     )
     if was == BatchStatus.PENDING and claim.status == BatchStatus.RUNNING:
         logger.info("batch started", extra={"batch_id": str(batch_id), "worker_id": worker_id})
-    if done or claim.items or claim.status != was:
-        notify(batch_id, "completed", [*done, *(i.id for i in claim.items)], wake=False)
+    if done or claim.items or claim.status != was or len(claim.refused) < len(started):
+        changed = {*done, *(i.id for i in claim.items), *(h.item_id for h in started)} - set(claim.refused)
+        notify(batch_id, "completed", sorted(changed), wake=False)
     discarded = len({o.item_id for o in outcomes}) - len(done)
     if discarded:
         logger.warning("discarded late results", extra={"batch_id": str(batch_id), "discarded": discarded})
+    if claim.refused:
+        logger.warning("handover refused: reservation lost", extra={"batch_id": str(batch_id), "items": claim.refused})
     return claim
 
 
 def _step_locked(
-    *, batch_id: uuid.UUID, worker_id: str, outcomes: Sequence[Outcome], claim_limit: int, lease_seconds: float
+    *,
+    batch_id: uuid.UUID,
+    worker_id: str,
+    outcomes: Sequence[Outcome],
+    claim_limit: int,
+    lease_seconds: float,
+    started: Sequence[Handover],
+    promote: Sequence[int],
+    reserve_limit: int,
 ) -> tuple[Claim, list[int], str]:
     """The step as a few statements after locking the batch row (SQLite; the reference)."""
     with transaction.atomic():
@@ -193,22 +292,36 @@ def _step_locked(
         if batch is None:
             return Claim(items=[], pending=0, status=BatchStatus.CANCELLED), [], BatchStatus.CANCELLED
         was, now = batch.status, timezone.now()
+        lease = now + timedelta(seconds=lease_seconds)
+        accepted = _start_reserved(batch, worker_id=worker_id, started=started, lease=lease)
         done = _complete_locked(batch, worker_id=worker_id, outcomes=outcomes)
         finalize_if_done(batch, now)
-        items = _claim_locked(batch, worker_id=worker_id, limit=claim_limit, lease_seconds=lease_seconds, now=now)
-        if items and batch.status == BatchStatus.PENDING:
+        items = _claim_locked(batch, worker_id=worker_id, limit=claim_limit, promote=promote, lease=lease, now=now)
+        reserved = _reserve_locked(batch, worker_id=worker_id, limit=reserve_limit, lease=lease)
+        if (items or accepted) and batch.status == BatchStatus.PENDING:
             batch.status = BatchStatus.RUNNING
-        if done or items or batch.status != was:
+        if done or items or accepted or batch.status != was:
             _write_counters(batch, now=now, started=was == BatchStatus.PENDING and batch.status != was)
-    return Claim(items=items, pending=batch.pending_items, status=batch.status), done, was
+    refused = sorted({h.item_id for h in started} - set(accepted))
+    claim = Claim(
+        items=items,
+        pending=batch.pending_items,
+        status=batch.status,
+        reserved=reserved,
+        refused=refused,
+        over_cap=batch.running_items > batch.effective_parallel,
+    )
+    return claim, done, was
 
 
 # PostgreSQL does the whole step in one statement (one round trip, no BEGIN/COMMIT): lock the
-# batch row, write the completions (lease-guarded), claim within the cap the completions
-# freed, update the counters and finalize. `b` is locked before any item is touched: `done`
-# joins it and the claim's LIMIT reads it. A claimer that waited for the lock reads the row
-# as committed by the other (FOR UPDATE returns the latest version); items the other claimed
-# fail the re-checked `status = 'pending'` and are skipped. Mirrors the multi-statement path.
+# batch row, start the handed-over items, write the completions (lease-guarded), claim within
+# the cap the completions freed (own reserved items first), reserve more, update the counters
+# and finalize. `b` is locked before any item is touched: the item CTEs join it and the claim's
+# LIMIT reads it. A claimer that waited for the lock reads the row as committed by the other
+# (FOR UPDATE returns the latest version); items the other claimed fail the re-checked
+# `status`/`lease_owner` and are skipped. A row is updated by one CTE only (`done` takes the
+# handed-over items that also finished; `o` is its pre-update state). Mirrors `_step_locked`.
 _STEP_SQL = """
 WITH b AS (
     SELECT id, status, LEAST(max_parallel, %(cap)s) AS cap, total_items, running_items,
@@ -218,31 +331,57 @@ WITH b AS (
     SELECT * FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(results)s::jsonb[],
                          %(errors)s::text[], %(finished)s::timestamptz[])
         AS v (id, status, result, error, finished_at)
+), h AS (
+    SELECT * FROM unnest(%(handed)s::bigint[], %(handed_at)s::timestamptz[]) AS h (id, started_at)
 ), done AS (
     UPDATE batch_job_item i SET status = v.status, result = v.result, error = v.error,
-        finished_at = v.finished_at, lease_owner = '', lease_expires_at = NULL
-    FROM v, b
-    WHERE i.id = v.id AND i.batch_id = b.id AND i.status = 'running' AND i.lease_owner = %(worker)s
-    RETURNING i.id, i.status
+        finished_at = v.finished_at, lease_owner = '', lease_expires_at = NULL,
+        attempts = i.attempts + CASE WHEN i.status = 'pending' THEN 1 ELSE 0 END,
+        started_at = CASE WHEN i.status = 'pending' THEN h.started_at ELSE i.started_at END
+    FROM v JOIN batch_job_item o ON o.id = v.id LEFT JOIN h ON h.id = v.id, b
+    WHERE i.id = v.id AND i.batch_id = b.id AND i.lease_owner = %(worker)s
+      AND (i.status = 'running' OR (i.status = 'pending' AND h.id IS NOT NULL))
+    RETURNING i.id, i.status, o.status AS was
+), started AS (
+    UPDATE batch_job_item i SET status = 'running', attempts = i.attempts + 1, started_at = h.started_at,
+        lease_expires_at = %(lease)s
+    FROM h, b
+    WHERE i.id = h.id AND i.batch_id = b.id AND i.status = 'pending' AND i.lease_owner = %(worker)s
+      AND NOT EXISTS (SELECT 1 FROM v WHERE v.id = h.id)
+    RETURNING i.id
 ), counts AS (
-    SELECT count(*) AS n, count(*) FILTER (WHERE status = 'succeeded') AS ok,
+    SELECT count(*) FILTER (WHERE was = 'running') AS n, (SELECT count(*) FROM started) AS s,
+           count(*) FILTER (WHERE status = 'succeeded') AS ok,
            count(*) FILTER (WHERE status = 'failed') AS bad, count(*) FILTER (WHERE status = 'cancelled') AS gone
     FROM done
 ), want AS (
-    SELECT GREATEST(0, LEAST(%(limit)s, b.cap - b.running_items + counts.n, b.total_items - b.running_items
-                    - b.succeeded_items - b.failed_items - b.cancelled_items)) AS n
+    SELECT GREATEST(0, LEAST(%(limit)s, b.cap - b.running_items + counts.n - counts.s)) AS n
     FROM b, counts WHERE b.status IN ('pending', 'running')
+), room AS (
+    SELECT coalesce(max(n), 0) AS n, CASE WHEN count(*) > 0 THEN %(reserve)s ELSE 0 END AS reserve FROM want
+), prom AS (
+    SELECT id FROM batch_job_item
+    WHERE id = ANY(%(promote)s::bigint[]) AND batch_id = %(batch)s AND status = 'pending'
+      AND lease_owner = %(worker)s AND NOT (id = ANY(%(handed)s::bigint[]))
+    ORDER BY "index" LIMIT (SELECT n FROM room) FOR UPDATE
+), fresh AS (
+    SELECT id, "index" FROM batch_job_item
+    WHERE batch_id = %(batch)s AND status = 'pending' AND lease_owner = ''
+    ORDER BY "index" LIMIT (SELECT n + reserve FROM room) - (SELECT count(*) FROM prom) FOR UPDATE SKIP LOCKED
+), pick AS (
+    SELECT id, true AS run FROM prom
+    UNION ALL
+    SELECT id, row_number() OVER (ORDER BY "index") <= (SELECT n FROM room) - (SELECT count(*) FROM prom) FROM fresh
 ), claimed AS (
-    UPDATE batch_job_item SET status = 'running', lease_owner = %(worker)s, lease_expires_at = %(lease)s,
-        attempts = attempts + 1, started_at = %(now)s, finished_at = NULL
-    WHERE id IN (
-        SELECT id FROM batch_job_item WHERE batch_id = %(batch)s AND status = 'pending'
-        ORDER BY "index" LIMIT (SELECT coalesce(max(n), 0) FROM want) FOR UPDATE SKIP LOCKED
-    )
-    RETURNING id, "index", params, attempts
+    UPDATE batch_job_item i SET status = CASE WHEN p.run THEN 'running' ELSE 'pending' END,
+        lease_owner = %(worker)s, lease_expires_at = %(lease)s,
+        attempts = i.attempts + CASE WHEN p.run THEN 1 ELSE 0 END,
+        started_at = CASE WHEN p.run THEN %(now)s::timestamptz END, finished_at = NULL
+    FROM pick p WHERE i.id = p.id
+    RETURNING i.id, i."index", i.params, i.attempts, p.run
 ), nxt AS (
-    SELECT b.id, b.status AS was, b.total_items AS total,
-           b.running_items - counts.n + (SELECT count(*) FROM claimed) AS running,
+    SELECT b.id, b.status AS was, b.total_items AS total, b.cap,
+           b.running_items - counts.n + counts.s + (SELECT count(*) FROM claimed WHERE run) AS running,
            b.succeeded_items + counts.ok AS succeeded, b.failed_items + counts.bad AS failed,
            b.cancelled_items + counts.gone AS cancelled
     FROM b, counts
@@ -261,27 +400,42 @@ WITH b AS (
         finished_at = CASE WHEN x.status <> x.was AND x.status IN ('succeeded', 'failed', 'cancelled')
                       THEN %(now)s ELSE j.finished_at END
     FROM x WHERE j.id = x.id
-    RETURNING x.status, x.was, x.total - x.running - x.succeeded - x.failed - x.cancelled AS pending, x.total
+    RETURNING x.status, x.was, x.total - x.running - x.succeeded - x.failed - x.cancelled AS pending, x.total,
+              x.running > x.cap AS over_cap
 )
-SELECT upd.status, upd.was, upd.pending, upd.total, (SELECT coalesce(array_agg(id), '{}') FROM done) AS done_ids,
+SELECT upd.status, upd.was, upd.pending, upd.total, upd.over_cap,
+       (SELECT coalesce(array_agg(id), '{}') FROM done) AS done_ids,
+       (SELECT coalesce(array_agg(id), '{}') FROM (SELECT id FROM done WHERE was = 'pending'
+                                                   UNION ALL SELECT id FROM started) a) AS accepted,
        CASE WHEN upd.status <> upd.was AND upd.status IN ('succeeded', 'failed', 'cancelled')
             THEN pg_notify(%(channel)s, 'finished:' || %(batch)s::text) END AS notified,
-       c.id, c."index", c.params, c.attempts
+       c.id, c."index", c.params, c.attempts, c.run
 FROM upd LEFT JOIN claimed c ON true
 """
 
 
 def _step_postgres(
-    *, batch_id: uuid.UUID, worker_id: str, outcomes: Sequence[Outcome], claim_limit: int, lease_seconds: float
+    *,
+    batch_id: uuid.UUID,
+    worker_id: str,
+    outcomes: Sequence[Outcome],
+    claim_limit: int,
+    lease_seconds: float,
+    started: Sequence[Handover],
+    promote: Sequence[int],
+    reserve_limit: int,
 ) -> tuple[Claim, list[int], str]:
     """The step as one statement; (claim, ids of the items written, status before)."""
     by_id = {outcome.item_id: outcome for outcome in outcomes}
+    handed = {handover.item_id: handover.started_at for handover in started}
     now = timezone.now()
     params = {
         "batch": batch_id,
         "cap": settings.BATCH_GLOBAL_MAX_PARALLEL,
         "worker": worker_id,
         "limit": claim_limit,
+        "reserve": reserve_limit,
+        "promote": list(promote),
         "lease": now + timedelta(seconds=lease_seconds),
         "now": now,
         "channel": CONTROL_CHANNEL,
@@ -290,24 +444,27 @@ def _step_postgres(
         "results": [None if o.result is None else json.dumps(o.result) for o in by_id.values()],
         "errors": [o.error for o in by_id.values()],
         "finished": [o.finished_at for o in by_id.values()],
+        "handed": list(handed),
+        "handed_at": list(handed.values()),
     }
     with _hot_cursor() as cursor:
         cursor.execute(_STEP_SQL, params, prepare=True)  # planned once per connection
         rows = cursor.fetchall()
     if not rows:
-        return Claim(items=[], pending=0, status=BatchStatus.CANCELLED), [], BatchStatus.CANCELLED
-    status, was, pending, total, done, *_ = rows[0]
+        return Claim(items=[], pending=0, status=BatchStatus.CANCELLED, refused=list(handed)), [], BatchStatus.CANCELLED
+    status, was, pending, total, over_cap, done, accepted, *_ = rows[0]
     if status != was and status in TERMINAL_BATCH_STATUSES:
         logger.info("batch finished", extra={"batch_id": str(batch_id), "status": status, "total": total})
-    items = sorted(
-        (
-            ClaimedItem(id=r[6], index=r[7], params=json.loads(r[8]) if isinstance(r[8], str) else r[8], attempt=r[9])
-            for r in rows
-            if r[6] is not None
-        ),
-        key=lambda item: item.index,
+    picked = sorted((r[8:] for r in rows if r[8] is not None), key=lambda row: row[1])
+    claim = Claim(
+        items=_claimed_items([row[:4] for row in picked if row[4]]),
+        pending=pending,
+        status=status,
+        reserved=_claimed_items([(i, x, p, a + 1) for i, x, p, a, run in picked if not run]),
+        refused=sorted(set(handed) - set(accepted)),
+        over_cap=over_cap,
     )
-    return Claim(items=items, pending=pending, status=status), list(done), was
+    return claim, list(done), was
 
 
 def claim_items(*, batch_id: uuid.UUID, worker_id: str, limit: int, lease_seconds: float) -> Claim:
@@ -331,33 +488,28 @@ def complete_items(*, batch_id: uuid.UUID, worker_id: str, outcomes: Sequence[Ou
 
 
 def release_items(*, batch_id: uuid.UUID, worker_id: str, item_ids: Sequence[int]) -> int:
-    """Give running items back (graceful shutdown): pending again, the attempt not counted.
+    """Give items back: running ones (graceful shutdown) pending again, the attempt not
+    counted; reserved ones unreserved. In a cancelling batch both become cancelled instead.
 
-    In a cancelling batch they become cancelled instead. Returns how many were released.
+    Returns how many were released.
     """
     with transaction.atomic():
         batch = lock_batch(batch_id)
-        items = BatchJobItem.objects.filter(pk__in=list(item_ids), status=ItemStatus.RUNNING, lease_owner=worker_id)
+        mine = BatchJobItem.objects.filter(pk__in=list(item_ids), lease_owner=worker_id)
+        running, reserved = mine.filter(status=ItemStatus.RUNNING), mine.filter(status=ItemStatus.PENDING)
         now = timezone.now()
+        cleared = {"lease_owner": "", "lease_expires_at": None}
         if batch.status == BatchStatus.CANCELLING:
-            released = items.update(
-                status=ItemStatus.CANCELLED,
-                finished_at=now,
-                lease_owner="",
-                lease_expires_at=None,
-                error="Cancelled while its worker shut down.",
+            stopped = running.update(
+                status=ItemStatus.CANCELLED, finished_at=now, error="Cancelled while its worker shut down.", **cleared
             )
-            batch.cancelled_items += released
+            unstarted = reserved.update(status=ItemStatus.CANCELLED, finished_at=now, **cleared)
+            batch.cancelled_items += stopped + unstarted
         else:
-            released = items.update(
-                status=ItemStatus.PENDING,
-                attempts=F("attempts") - 1,
-                started_at=None,
-                lease_owner="",
-                lease_expires_at=None,
-            )
-        batch.running_items -= released
+            stopped = running.update(status=ItemStatus.PENDING, attempts=F("attempts") - 1, started_at=None, **cleared)
+            unstarted = reserved.update(**cleared)
+        batch.running_items -= stopped
         finalize_if_done(batch, now)
         save_counters(batch)
         notify(batch_id, "released", list(item_ids))
-    return released
+    return stopped + unstarted

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 def renew_leases(*, worker_id: str, item_ids: Sequence[int], lease_seconds: float) -> int:
-    """Extend the leases of the items `worker_id` is running, and its own heartbeat.
+    """Extend the leases of the items `worker_id` runs or holds reserved, and its heartbeat.
 
     Only the ids the worker knows it runs: an item claimed by a transaction whose answer
     was lost (connection dropped at commit) is left to expire and be taken back.
@@ -39,7 +39,7 @@ def renew_leases(*, worker_id: str, item_ids: Sequence[int], lease_seconds: floa
     with transaction.atomic():
         BatchWorker.objects.filter(pk=worker_id).update(heartbeat_at=now)
         return BatchJobItem.objects.filter(
-            pk__in=list(item_ids), status=ItemStatus.RUNNING, lease_owner=worker_id
+            pk__in=list(item_ids), status__in=[ItemStatus.RUNNING, ItemStatus.PENDING], lease_owner=worker_id
         ).update(lease_expires_at=now + timedelta(seconds=lease_seconds))
 
 
@@ -47,14 +47,17 @@ def recover_expired_leases() -> int:
     """Take back items whose worker stopped renewing their lease.
 
     Retried (→ pending) while attempts remain, otherwise failed; in a cancelling batch,
-    cancelled. Returns how many items were taken back.
+    cancelled. Expired reservations are cleared (cancelled in a cancelling batch). Returns how
+    many items were taken back.
     """
     now = timezone.now()
-    batch_ids = set(
-        BatchJobItem.objects.filter(status=ItemStatus.RUNNING, lease_expires_at__lt=now).values_list(
+    batch_ids = {
+        batch_id
+        for status in (ItemStatus.RUNNING, ItemStatus.PENDING)
+        for batch_id in BatchJobItem.objects.filter(status=status, lease_expires_at__lt=now).values_list(
             "batch_id", flat=True
         )
-    )
+    }
     taken = 0
     for batch_id in batch_ids:
         with contextlib.suppress(BatchJob.DoesNotExist):  # deleted since the read above
@@ -83,12 +86,28 @@ def _recover_batch_leases(batch_id: uuid.UUID, now: datetime) -> int:
             batch.failed_items += failed
             count = failed + expired.update(status=ItemStatus.PENDING, started_at=None, **cleared)
         batch.running_items -= count
+        count += _recover_reservations(batch, now, taken)
         finalize_if_done(batch, now)
         save_counters(batch)
         notify(batch_id, "recovered", taken)
     if count:
         logger.warning("recovered expired leases", extra={"batch_id": str(batch_id), "items": count})
     return count
+
+
+def _recover_reservations(batch: BatchJob, now: datetime, taken: list[int]) -> int:
+    """Clear the expired reservations of the locked batch (its worker stopped renewing them)."""
+    expired = BatchJobItem.objects.filter(batch_id=batch.id, status=ItemStatus.PENDING, lease_expires_at__lt=now)
+    ids = list(expired.select_for_update().values_list("pk", flat=True))
+    if not ids:
+        return 0
+    taken += ids
+    cleared = {"lease_owner": "", "lease_expires_at": None}
+    if batch.status == BatchStatus.CANCELLING:
+        count = expired.update(status=ItemStatus.CANCELLED, finished_at=now, **cleared)
+        batch.cancelled_items += count
+        return count
+    return expired.update(**cleared)
 
 
 def register_worker(*, worker_id: str, hostname: str, pid: int, concurrency: int, lease_seconds: float) -> None:
