@@ -353,3 +353,134 @@ async def test_an_item_reclaimed_while_its_old_attempt_runs_here_replaces_it() -
     assert old_attempt_cancelled.is_set()
     assert store.outcomes[0].result == {"attempt": 2}
     assert store.released == []
+
+
+# --- reservations and handovers ---------------------------------------------------------------
+
+
+class ReservingStore(MemoryStore):
+    """A MemoryStore that also reserves: a claim takes the store's own reserved items first,
+    every write tops the reservations up to `reserve_target`, and `events` records the order
+    of handovers and completions."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(count)
+        self.reserved: list[ClaimedItem] = []
+        self.events: list[tuple[str, int]] = []
+        self.closed = False
+
+    def _top_up(self) -> None:
+        if not self.closed and self.status == "running":
+            wanted = max(0, self.reserve_target - len(self.reserved))
+            self.reserved += self.pending[:wanted]
+            self.pending = self.pending[wanted:]
+
+    async def claim(self, limit: int) -> Claim:
+        self.claims.append(limit)
+        if self.status != "running":
+            return Claim(items=[], pending=0, status=self.status)
+        own = min(limit, len(self.reserved))
+        taken, self.reserved = self.reserved[:own], self.reserved[own:]
+        fresh, self.pending = self.pending[: limit - own], self.pending[limit - own :]
+        self._top_up()
+        return Claim(items=taken + fresh, pending=len(self.pending) + len(self.reserved), status=self.status)
+
+    async def complete(self, outcomes: list[Outcome]) -> None:
+        self.events += [("complete", o.item_id) for o in outcomes]
+        await super().complete(outcomes)
+        self._top_up()
+
+    def take_reserved(self) -> ClaimedItem | None:
+        if self.closed or not self.reserved:
+            return None
+        item = self.reserved.pop(0)
+        self.events.append(("handover", item.id))
+        return item
+
+    def reserved_item_ids(self) -> list[int]:
+        return [item.id for item in self.reserved]
+
+    async def close(self) -> None:
+        self.closed = True
+        self.released += self.reserved_item_ids()
+        self.reserved = []
+
+
+async def test_handovers_keep_the_cap_exact_and_ride_with_the_completion_they_replace() -> None:
+    store, probe = ReservingStore(60), Probe(gate_at=3)
+    runner = runner_for(store, probe, 3)
+    await asyncio.wait_for(runner.run(), TIMEOUT)
+    assert probe.peak == 3
+    assert store.count(ItemStatus.SUCCEEDED) == 60 and probe.calls == 60
+    handovers = [i for i, (kind, _) in enumerate(store.events) if kind == "handover"]
+    assert len(handovers) > 30, "most slots went from one item to the next without a claim"
+    assert len(store.claims) < 20
+    for i in handovers:  # queued together, before anything could be written alone
+        assert store.events[i + 1][0] == "complete"
+
+
+async def test_fast_items_reserve_deeper_slow_ones_one_per_slot() -> None:
+    fast_targets: list[int] = []
+
+    async def instant(params: dict[str, Any], ctx: ItemContext) -> None:
+        fast_targets.append(fast.reserve_target)
+
+    fast = ReservingStore(200)
+    await asyncio.wait_for(runner_for(fast, instant, 4).run(), TIMEOUT)
+    assert max(fast_targets) == 4 * 16, "instant items: the deepest reservation per slot"
+    assert fast.count(ItemStatus.SUCCEEDED) == 200
+
+    targets: list[int] = []
+
+    async def slow(params: dict[str, Any], ctx: ItemContext) -> None:
+        await asyncio.sleep(0.03)
+        targets.append(slow_store.reserve_target)
+
+    slow_store = ReservingStore(12)
+    await asyncio.wait_for(runner_for(slow_store, slow, 4).run(), TIMEOUT)
+    assert max(targets) <= 4, "30 ms items: one reserved item per slot"
+    assert slow_store.count(ItemStatus.SUCCEEDED) == 12
+
+
+async def test_after_cancel_nothing_is_handed_over_and_reservations_go_back() -> None:
+    started = asyncio.Event()
+
+    async def waits(params: dict[str, Any], ctx: ItemContext) -> None:
+        started.set()
+        while not ctx.cancelled:
+            await asyncio.sleep(0.001)
+        ctx.raise_if_cancelled()
+
+    store = ReservingStore(20)
+    runner = runner_for(store, waits, 2)
+    task = asyncio.create_task(runner.run())
+    await asyncio.wait_for(started.wait(), TIMEOUT)
+    held = store.reserved_item_ids()
+    assert held, "the first claim reserved items for the two slots"
+    runner.cancel()
+    await asyncio.wait_for(task, TIMEOUT)
+    assert not any(kind == "handover" for kind, _ in store.events)
+    assert store.count(ItemStatus.CANCELLED) == 2
+    assert store.closed and store.released == held
+
+
+async def test_a_batch_waiting_for_worker_slots_gets_them_despite_handovers() -> None:
+    shared = Limiter(2)
+    order: list[str] = []
+
+    def recorder(name: str) -> Any:
+        async def run(params: dict[str, Any], ctx: ItemContext) -> None:
+            order.append(name)
+            await asyncio.sleep(0)
+
+        return run
+
+    first, second = ReservingStore(40), ReservingStore(5)
+    one = runner_for(first, recorder("first"), 2, worker_slots=shared)
+    two = runner_for(second, recorder("second"), 2, worker_slots=shared)
+    async with asyncio.timeout(TIMEOUT), asyncio.TaskGroup() as group:
+        group.create_task(one.run())
+        await asyncio.sleep(0)
+        group.create_task(two.run())
+    assert order.index("second") < order.index("first") + 10, "the second batch was not starved"
+    assert len(first.outcomes) == 40 and len(second.outcomes) == 5
