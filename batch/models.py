@@ -123,7 +123,9 @@ class BatchJob(models.Model):
 
 class BatchJobItem(models.Model):
     id = models.BigAutoField(primary_key=True)
-    batch = models.ForeignKey(BatchJob, on_delete=models.CASCADE, related_name="items")
+    # No index of its own: the unique (batch, index) constraint leads with it, and one index
+    # less is one write less on every claim, reservation and completion.
+    batch = models.ForeignKey(BatchJob, on_delete=models.CASCADE, related_name="items", db_index=False)
     index = models.PositiveIntegerField()
     status = models.CharField(max_length=16, choices=ItemStatus.choices, default=ItemStatus.PENDING)
     params = models.JSONField(default=dict, blank=True)
@@ -151,22 +153,13 @@ class BatchJobItem(models.Model):
                 condition=Q(status="pending"),
                 name="batch_item_pending_idx",
             ),
-            # Lease recovery and per-worker renewal only ever look at running items.
+            # Lease recovery: running items and reservations (pending items leased to a
+            # worker) carry a lease; nothing else does. Renewal goes by primary key. Every
+            # index here is written on each state change, so there are as few as the queries need.
             models.Index(
                 fields=["lease_expires_at"],
-                condition=Q(status="running"),
-                name="batch_item_running_lease_idx",
-            ),
-            models.Index(
-                fields=["lease_owner"],
-                condition=Q(status="running"),
-                name="batch_item_running_owner_idx",
-            ),
-            # Reservations: pending items a worker holds for its next handovers (leased too).
-            models.Index(
-                fields=["lease_expires_at"],
-                condition=Q(status="pending", lease_expires_at__isnull=False),
-                name="batch_item_reserved_lease_idx",
+                condition=Q(lease_expires_at__isnull=False),
+                name="batch_item_lease_idx",
             ),
         ]
 
