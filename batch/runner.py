@@ -35,7 +35,7 @@ MAX_CLAIM = 64  # items claimed in one transaction at most
 # Reserve enough items per running one to keep its slot busy this long without the database
 # (a few step round trips); at least one, at most MAX_DEPTH.
 HANDOVER_HORIZON = 0.01
-MAX_DEPTH = 16
+MAX_DEPTH = 64
 DURATION_WEIGHT = 0.2  # of the newest item in the moving average of item durations
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from batch.handlers import HandlerSpec, ItemContext
 from batch.models import ItemStatus
-from batch.runner import BatchRunner, Limiter
+from batch.runner import MAX_DEPTH, BatchRunner, Limiter
 from batch.services import Claim, ClaimedItem, Outcome, effective_parallel
 
 TIMEOUT = 10
@@ -427,7 +427,7 @@ async def test_fast_items_reserve_deeper_slow_ones_one_per_slot() -> None:
 
     fast = ReservingStore(200)
     await asyncio.wait_for(runner_for(fast, instant, 4).run(), TIMEOUT)
-    assert max(fast_targets) == 4 * 16, "instant items: the deepest reservation per slot"
+    assert max(fast_targets) == 4 * MAX_DEPTH, "instant items: the deepest reservation per slot"
     assert fast.count(ItemStatus.SUCCEEDED) == 200
 
     targets: list[int] = []

@@ -407,15 +407,22 @@ WITH b AS (
     FROM x WHERE j.id = x.id
     RETURNING x.status, x.was, x.total - x.running - x.succeeded - x.failed - x.cancelled AS pending, x.total,
               x.running > x.cap AS over_cap
+), summary AS (
+    SELECT upd.status, upd.was, upd.pending, upd.total, upd.over_cap,
+           (SELECT coalesce(array_agg(id), '{}') FROM done) AS done_ids,
+           (SELECT coalesce(array_agg(id), '{}') FROM (SELECT id FROM done WHERE handed
+                                                       UNION ALL SELECT id FROM started) a) AS accepted,
+           CASE WHEN upd.status <> upd.was AND upd.status IN ('succeeded', 'failed', 'cancelled')
+                THEN pg_notify(%(channel)s, 'finished:' || %(batch)s::text) END AS notified
+    FROM upd
 )
-SELECT upd.status, upd.was, upd.pending, upd.total, upd.over_cap,
-       (SELECT coalesce(array_agg(id), '{}') FROM done) AS done_ids,
-       (SELECT coalesce(array_agg(id), '{}') FROM (SELECT id FROM done WHERE handed
-                                                   UNION ALL SELECT id FROM started) a) AS accepted,
-       CASE WHEN upd.status <> upd.was AND upd.status IN ('succeeded', 'failed', 'cancelled')
-            THEN pg_notify(%(channel)s, 'finished:' || %(batch)s::text) END AS notified,
-       c.id, c."index", c.params, c.attempts, c.run
-FROM upd LEFT JOIN claimed c ON true
+-- The summary (with its id arrays) once, in the first row; one row per claimed/reserved item.
+SELECT s.*, c.id, c."index", c.params, c.attempts, c.run
+FROM summary s LEFT JOIN claimed c ON true
+WHERE c.id IS NULL OR c.id = (SELECT min(id) FROM claimed)
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, c.id, c."index", c.params, c.attempts, c.run
+FROM claimed c WHERE c.id > (SELECT min(id) FROM claimed)
 """
 
 
@@ -460,7 +467,7 @@ def _step_postgres(
         rows = cursor.fetchall()
     if not rows:
         return Claim(items=[], pending=0, status=BatchStatus.CANCELLED, refused=list(handed)), [], BatchStatus.CANCELLED
-    status, was, pending, total, over_cap, done, accepted, *_ = rows[0]
+    status, was, pending, total, over_cap, done, accepted, *_ = next(r for r in rows if r[0] is not None)
     if status != was and status in TERMINAL_BATCH_STATUSES:
         logger.info("batch finished", extra={"batch_id": str(batch_id), "status": status, "total": total})
     picked = sorted((r[8:] for r in rows if r[8] is not None), key=lambda row: row[1])
