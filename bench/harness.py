@@ -44,6 +44,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def postgres_cpu_seconds() -> float:
+    """CPU time of the local PostgreSQL server's live processes (0 if it runs elsewhere).
+
+    Backends that exit between two readings drop out, so differences slightly undercount;
+    the workers' own backends live for the whole run."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            raw = stat.read_text()
+        except OSError:  # the process ended
+            continue
+        if raw[raw.index("(") + 1 : raw.rindex(")")] == "postgres":
+            fields = raw[raw.rindex(")") + 2 :].split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all cores spent not idle (user, nice, system, irq, softirq, steal), /proc/stat."""
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]

@@ -161,13 +161,20 @@ def environment() -> dict[str, Any]:
 # --- output ---------------------------------------------------------------------------------
 
 _SHOWN = {
-    "noop": ["items_per_s", "run_items_per_s", "worker_cpu_us_per_item", "machine_cores_busy", "submit_s"],
+    "noop": [
+        "items_per_s",
+        "run_items_per_s",
+        "worker_cpu_us_per_item",
+        "postgres_cpu_us_per_item",
+        "machine_cores_busy",
+        "submit_s",
+    ],
     "sleep": ["wall_s", "ratio_to_ideal"],
     "cancel": ["latency_ms", "drain_ms"],
     "memory": ["peak_rss_mib", "idle_rss_mib", "items_per_s"],
     "connections": ["max_connections"],
     "submit": ["submit_s", "items_per_s"],
-    "scale": ["items_per_s", "worker_cpu_us_per_item", "machine_cores_busy"],
+    "scale": ["items_per_s", "worker_cpu_us_per_item", "postgres_cpu_us_per_item", "machine_cores_busy"],
 }
 
 

@@ -21,6 +21,7 @@ from bench.harness import (
     is_postgres,
     machine_busy_seconds,
     peak_rss_mib,
+    postgres_cpu_seconds,
     reset_tables,
     running_workers,
     wait_running,
@@ -56,12 +57,14 @@ def _measure_batch(
     """Submit through services, wait for the terminal state; wall clock and worker CPU."""
     cpu_before = sum(cpu_seconds(w.pid) for w in workers)
     busy_before = machine_busy_seconds()
+    postgres_before = postgres_cpu_seconds()
     started = time.time()
     batch_id = services.submit_batch(handler=handler, items=items, max_parallel=cap).batch.id
     submitted = time.time()
     batch = wait_terminal(batch_id, timeout=TERMINAL_TIMEOUT)
     cpu = sum(cpu_seconds(w.pid) for w in workers) - cpu_before
     busy = machine_busy_seconds() - busy_before
+    postgres = postgres_cpu_seconds() - postgres_before
     assert batch.finished_at is not None
     assert batch.started_at is not None
     count = len(items)
@@ -72,6 +75,7 @@ def _measure_batch(
         "wall_s": wall,
         "submit_s": submitted - started,
         "worker_cpu_us_per_item": cpu / count * 1e6,
+        "postgres_cpu_us_per_item": postgres / count * 1e6,
         # Cores busy on the whole machine meanwhile (workers, PostgreSQL, this process, others).
         "machine_cores_busy": busy / max(time.time() - started, 1e-6),
         "succeeded": batch.succeeded_items,
