@@ -48,6 +48,16 @@ class BatchStore(Protocol):
         """Persist `outcomes`; takes them before it first suspends (claims queue behind them)."""
         ...
 
+    def enqueue(self, outcomes: list[Outcome]) -> None:
+        """Queue `outcomes` for the next write without waiting for it (claims queue behind them).
+
+        Raises the error of an earlier write that failed for good."""
+        ...
+
+    async def flush(self) -> None:
+        """Wait until everything queued is written; raise a write's lasting failure."""
+        ...
+
     async def release(self, item_ids: list[int]) -> None: ...
 
     # Reservations (see `batch.store.DatabaseStore`); a store without them returns None / [].
@@ -243,6 +253,7 @@ class BatchRunner:
                         break
                     await self._wait_for_wakeup()  # cap reached by other workers' items
             await self.store.close()
+        await self.store.flush()
 
     def _start(self, item: ClaimedItem) -> None:
         assert self._group is not None
@@ -317,7 +328,8 @@ class BatchRunner:
             finished = True
             if successor is not None:
                 self._start(successor)
-            await self.store.complete([outcome])
+            # Written by the store's next step; the task ends now (`run` flushes at the end).
+            self.store.enqueue([outcome])
         except asyncio.CancelledError:
             if not finished and asyncio.current_task() not in self._superseded:
                 await asyncio.shield(self._settle_cancelled(item))
@@ -367,16 +379,25 @@ class BatchRunner:
             _on_progress=self.on_progress,
         )
         try:
-            async with asyncio.timeout(self.item_timeout):
+            if self.item_timeout is None:
                 result = await self._call(item.params, ctx)
+            else:
+                deadline = asyncio.timeout(self.item_timeout)
+                try:
+                    async with deadline:
+                        result = await self._call(item.params, ctx)
+                except TimeoutError:
+                    if not deadline.expired():
+                        raise  # the handler's own TimeoutError, not the item timeout
+                    return Outcome(item.id, ItemStatus.FAILED, error=f"Timed out after {self.item_timeout} s.")
         except ItemCancelled:
             return Outcome(item.id, ItemStatus.CANCELLED, error="Cancelled at a checkpoint.")
-        except TimeoutError:
-            return Outcome(item.id, ItemStatus.FAILED, error=f"Timed out after {self.item_timeout} s.")
         except Exception as exc:
             logger.warning("item failed", exc_info=True, extra={"batch_id": str(self.batch_id), "index": item.index})
             # PostgreSQL text cannot hold NUL: escape it rather than lose the whole write.
             return Outcome(item.id, ItemStatus.FAILED, error=f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00"))
+        if result is None:
+            return Outcome(item.id, ItemStatus.SUCCEEDED)
         try:
             encoded = json.dumps(result, allow_nan=False)  # what PostgreSQL's jsonb accepts
         except (TypeError, ValueError) as exc:

@@ -113,6 +113,7 @@ class GroupCommit:
         self._next: asyncio.Future[None] | None = None
         self._claim: tuple[int, asyncio.Future[Claim]] | None = None
         self._drainer: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
 
     def hand_over(self, handover: Handover) -> None:
         """Queue a handover; it is written with the next completions (queue those at once)."""
@@ -121,13 +122,29 @@ class GroupCommit:
 
     async def submit(self, outcomes: list[Outcome]) -> None:
         """Queue `outcomes` at once (before suspending) and wait until they are written."""
+        written = self.enqueue(outcomes)
+        # Shielded: a cancelled item must not abort a write that carries other items too.
+        await asyncio.shield(written)
+
+    def enqueue(self, outcomes: list[Outcome]) -> asyncio.Future[None]:
+        """Queue `outcomes` for the next write; the future resolves once it is done.
+
+        Raises the error of an earlier write that failed for good (not a transient one:
+        those `call_db` retries), so the caller stops rather than queue into a dead store."""
+        if self._failure is not None:
+            raise self._failure
         self._queue.extend(outcomes)
         if self._next is None:
             self._next = asyncio.get_running_loop().create_future()
-        written = self._next
         self._ensure_drainer()
-        # Shielded: a cancelled item must not abort a write that carries other items too.
-        await asyncio.shield(written)
+        return self._next
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is written; raise a lasting write failure."""
+        while self._drainer is not None and not self._drainer.done():
+            await asyncio.shield(self._drainer)
+        if self._failure is not None:
+            raise self._failure
 
     async def claim(self, limit: int) -> Claim:
         if self._claim is not None:
@@ -178,8 +195,10 @@ class GroupCommit:
                 for future in (written, claimed):
                     if future is not None and not future.done():
                         future.set_exception(exc)
+                        future.exception()  # retrieved: outcomes may be queued with nobody waiting
                 if isinstance(exc, asyncio.CancelledError):
                     raise
+                self._failure = exc
             else:
                 if self._settle is not None:
                     await self._settle(step, result)
@@ -218,6 +237,12 @@ class DatabaseStore:
 
     async def complete(self, outcomes: list[Outcome]) -> None:
         await self._writes.submit(outcomes)
+
+    def enqueue(self, outcomes: list[Outcome]) -> None:
+        self._writes.enqueue(outcomes)
+
+    async def flush(self) -> None:
+        await self._writes.flush()
 
     async def release(self, item_ids: list[int]) -> None:
         await call_db(services.release_items, batch_id=self.batch_id, worker_id=self.worker_id, item_ids=item_ids)

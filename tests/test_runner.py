@@ -36,9 +36,15 @@ class MemoryStore:
         return Claim(items=taken, pending=len(self.pending), status=self.status)
 
     async def complete(self, outcomes: list[Outcome]) -> None:
+        self.enqueue(outcomes)
+
+    def enqueue(self, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
             assert outcome.item_id not in self.outcomes, "an item completed twice"
             self.outcomes[outcome.item_id] = outcome
+
+    async def flush(self) -> None:
+        pass
 
     async def release(self, item_ids: list[int]) -> None:
         self.released.extend(item_ids)
@@ -385,9 +391,9 @@ class ReservingStore(MemoryStore):
         self._top_up()
         return Claim(items=taken + fresh, pending=len(self.pending) + len(self.reserved), status=self.status)
 
-    async def complete(self, outcomes: list[Outcome]) -> None:
+    def enqueue(self, outcomes: list[Outcome]) -> None:
         self.events += [("complete", o.item_id) for o in outcomes]
-        await super().complete(outcomes)
+        super().enqueue(outcomes)
         self._top_up()
 
     def take_reserved(self) -> ClaimedItem | None:
@@ -484,3 +490,22 @@ async def test_a_batch_waiting_for_worker_slots_gets_them_despite_handovers() ->
         group.create_task(two.run())
     assert order.index("second") < order.index("first") + 10, "the second batch was not starved"
     assert len(first.outcomes) == 40 and len(second.outcomes) == 5
+
+
+async def test_a_handlers_own_timeout_error_is_a_failure_not_the_item_timeout() -> None:
+    async def raises(params: dict[str, Any], ctx: ItemContext) -> None:
+        raise TimeoutError("upstream took too long")
+
+    for timeout in (None, 30.0):
+        store = MemoryStore(1)
+        await asyncio.wait_for(runner_for(store, raises, 1, item_timeout=timeout).run(), TIMEOUT)
+        assert store.outcomes[0].error == "TimeoutError: upstream took too long"
+
+
+async def test_the_item_timeout_fails_the_item() -> None:
+    async def slow(params: dict[str, Any], ctx: ItemContext) -> None:
+        await asyncio.sleep(3600)
+
+    store = MemoryStore(1)
+    await asyncio.wait_for(runner_for(store, slow, 1, item_timeout=0.01).run(), TIMEOUT)
+    assert (store.outcomes[0].status, store.outcomes[0].error) == (ItemStatus.FAILED, "Timed out after 0.01 s.")

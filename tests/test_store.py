@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from django.db import DataError
+import pytest
+from django.db import DataError, ProgrammingError
 
 from batch.models import ItemStatus
 from batch.services import Claim, ClaimedItem, Outcome
@@ -62,3 +63,26 @@ async def test_a_claim_whose_caller_was_cancelled_is_given_back() -> None:
             await asyncio.sleep(0.01)
     assert released == [[7]]
     assert caller.cancelled()
+
+
+async def test_queued_outcomes_are_written_by_flush_and_a_lasting_failure_surfaces() -> None:
+    written: list[int] = []
+
+    def write(step: Step) -> Claim:
+        if any(o.item_id == 13 for o in step.outcomes):
+            raise ProgrammingError("a bug, not a transient error")
+        written.extend(o.item_id for o in step.outcomes)
+        return Claim(items=[], pending=0, status="running")
+
+    commit = GroupCommit(write)
+    commit.enqueue([Outcome(1, ItemStatus.SUCCEEDED)])
+    commit.enqueue([Outcome(2, ItemStatus.SUCCEEDED)])
+    async with asyncio.timeout(10):
+        await commit.flush()
+    assert written == [1, 2]
+    commit.enqueue([Outcome(13, ItemStatus.SUCCEEDED)])
+    with pytest.raises(ProgrammingError):
+        async with asyncio.timeout(10):
+            await commit.flush()
+    with pytest.raises(ProgrammingError):
+        commit.enqueue([Outcome(14, ItemStatus.SUCCEEDED)])

@@ -8,13 +8,13 @@ import logging
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import partial
 from typing import Any, cast
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, User
 from django.db import connection, transaction
-from django.utils import timezone
 
 from batch.models import (
     AuditAction,
@@ -106,7 +106,7 @@ class Handover:
     """A reserved item this worker started in place of a finished one, and when."""
 
     item_id: int
-    started_at: datetime = field(default_factory=timezone.now)
+    started_at: datetime = field(default_factory=partial(datetime.now, UTC))
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ class Outcome:
     status: ItemStatus
     result: Any = None
     error: str = ""
-    finished_at: datetime = field(default_factory=timezone.now)
+    finished_at: datetime = field(default_factory=partial(datetime.now, UTC))
 
 
 def chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
