@@ -37,6 +37,7 @@ MAX_CLAIM = 64  # items claimed in one transaction at most
 HANDOVER_HORIZON = 0.01
 MAX_DEPTH = 64
 DURATION_WEIGHT = 0.2  # of the newest item in the moving average of item durations
+CLOSE_ON_CRASH_TIMEOUT = 5.0
 
 
 class BatchStore(Protocol):
@@ -69,6 +70,14 @@ class BatchStore(Protocol):
 
     def reserved_item_ids(self) -> list[int]: ...
 
+    def on_refused(self, callback: Callable[[list[int]], None]) -> None:
+        """Call `callback` with handed-over items the database refused (reservation lost)."""
+        ...
+
+    async def trim(self, keep: int) -> None:
+        """Give back the reservations beyond the first `keep`."""
+        ...
+
     async def close(self) -> None:
         """Give the reservations back; hand nothing over any more."""
         ...
@@ -95,8 +104,9 @@ class Limiter:
             self._waiting -= 1
 
     @property
-    def has_waiters(self) -> bool:
-        return self._waiting > 0
+    def waiting(self) -> int:
+        """How many wait in `acquire`."""
+        return self._waiting
 
     @property
     def in_debt(self) -> bool:
@@ -175,6 +185,9 @@ class BatchRunner:
         self._releasing = False
         self._group: asyncio.TaskGroup | None = None
         self._mean_duration: float | None = None
+        self._closing = False
+        self._awaiting_worker_slot = False
+        store.on_refused(self._drop_refused)
 
     # --- control, called by the worker --------------------------------------------------
 
@@ -204,6 +217,7 @@ class BatchRunner:
         """Cooperative: launch nothing more; running handlers see `ctx.cancelled`."""
         self.cancel_event.set()
         self._wakeup.set()
+        self._close_store_soon()
 
     def force_cancel(self) -> None:
         """Past the drain deadline: cancel the item tasks; their items end cancelled."""
@@ -218,6 +232,15 @@ class BatchRunner:
         """Graceful shutdown: launch nothing more, let running items finish."""
         self._stop_claiming.set()
         self._wakeup.set()
+        self._close_store_soon()
+
+    def _close_store_soon(self) -> None:
+        """Give the reservations back now, not when the loop next gets a slot (it may wait
+        for one behind another batch's long item)."""
+        if self._group is not None and not self._closing:
+            self._closing = True
+            with contextlib.suppress(RuntimeError):  # the group is shutting down: run() closes
+                self._group.create_task(self.store.close())
 
     def abort(self) -> None:
         """Shutdown past its drain: cancel running items and give them back as pending."""
@@ -230,6 +253,15 @@ class BatchRunner:
 
     async def run(self) -> None:
         """Claim and run items until none is left to claim, then wait for the running ones."""
+        try:
+            await self._run()
+        except Exception:
+            # Give the reservations back rather than leave them leased until they expire.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.store.close(), CLOSE_ON_CRASH_TIMEOUT)
+            raise
+
+    async def _run(self) -> None:
         async with asyncio.TaskGroup() as group:
             self._group = group
             while not self._should_stop():
@@ -275,9 +307,25 @@ class BatchRunner:
         """The reserved item to start in the slot of one that just finished, if any may."""
         if self._should_stop() or self._limiter.in_debt:
             return None
-        if self._worker_slots is not None and (self._worker_slots.has_waiters or self._worker_slots.in_debt):
-            return None  # another batch of this worker may wait for a slot: let this one go
+        slots = self._worker_slots
+        if slots is not None and (slots.waiting > int(self._awaiting_worker_slot) or slots.in_debt):
+            # Another batch of this worker waits for a slot: let it have this one, and give
+            # back what this batch can no longer run soon, so that other workers may.
+            self._set_reserve_target(len(self._running) - 1)
+            if self._group is not None:
+                self._group.create_task(self.store.trim(self.store.reserve_target))
+            return None
         return self.store.take_reserved()
+
+    def _drop_refused(self, item_ids: list[int]) -> None:
+        """The database refused these handovers (their reservations were lost and may be
+        another worker's now): stop their runs here, silently, as for a superseded item."""
+        for item_id in item_ids:
+            task = self._running.pop(item_id, None)
+            if task is not None:
+                logger.warning("handover refused; stopping the item here", extra={"item_id": item_id})
+                self._superseded.add(task)
+                task.cancel()
 
     def _should_stop(self) -> bool:
         return self.cancel_event.is_set() or self._stop_claiming.is_set()
@@ -286,11 +334,14 @@ class BatchRunner:
         """Wait for one slot (of the batch and of the worker), then take what else is free."""
         await self._limiter.acquire()
         if self._worker_slots is not None:
+            self._awaiting_worker_slot = True
             try:
                 await self._worker_slots.acquire()
             except BaseException:
                 self._limiter.release()
                 raise
+            finally:
+                self._awaiting_worker_slot = False
         if self._should_stop():
             self._release_slot()
             return 0
@@ -326,10 +377,12 @@ class BatchRunner:
             successor = self._successor()
             self._finish(item, keep_slot=successor is not None)
             finished = True
-            if successor is not None:
-                self._start(successor)
-            # Written by the store's next step; the task ends now (`run` flushes at the end).
-            self.store.enqueue([outcome])
+            try:
+                if successor is not None:
+                    self._start(successor)
+            finally:
+                # Written by the store's next step; the task ends now (`run` flushes at the end).
+                self.store.enqueue([outcome])
         except asyncio.CancelledError:
             if not finished and asyncio.current_task() not in self._superseded:
                 await asyncio.shield(self._settle_cancelled(item))

@@ -198,6 +198,7 @@ class GroupCommit:
                         future.exception()  # retrieved: outcomes may be queued with nobody waiting
                 if isinstance(exc, asyncio.CancelledError):
                     raise
+                logger.error("a write failed for good; this batch's run stops", exc_info=exc)
                 self._failure = exc
             else:
                 if self._settle is not None:
@@ -229,7 +230,9 @@ class DatabaseStore:
         self._reserved: deque[ClaimedItem] = deque()
         self._promoting: dict[int, ClaimedItem] = {}
         self._over_cap = False
+        self._handing_over = True  # False once a step says the batch no longer runs
         self._closed = False
+        self._refused_callback: Callable[[list[int]], None] | None = None
         self._writes = GroupCommit(self._write, release=self.release, plan=self._plan, settle=self._settle)
 
     async def claim(self, limit: int) -> Claim:
@@ -249,7 +252,7 @@ class DatabaseStore:
 
     def take_reserved(self) -> ClaimedItem | None:
         """A reserved item to start now in place of one that finished; None to free the slot."""
-        if self._over_cap or self._closed or not self._reserved:
+        if self._over_cap or self._closed or not self._handing_over or not self._reserved:
             return None
         item = self._reserved.popleft()
         self._writes.hand_over(Handover(item.id))
@@ -257,6 +260,17 @@ class DatabaseStore:
 
     def reserved_item_ids(self) -> list[int]:
         return [item.id for item in self._reserved] + list(self._promoting)
+
+    def on_refused(self, callback: Callable[[list[int]], None]) -> None:
+        self._refused_callback = callback
+
+    async def trim(self, keep: int) -> None:
+        """Give back the reservations beyond the first `keep` (another batch needs the slots)."""
+        surplus: list[int] = []
+        while len(self._reserved) > max(keep, 0):
+            surplus.append(self._reserved.pop().id)
+        if surplus:
+            await self.release(surplus)
 
     async def close(self) -> None:
         """Reserve nothing more and give the reservations back (cancelled if cancelling)."""
@@ -285,6 +299,17 @@ class DatabaseStore:
             self._reserved.extendleft(reversed(kept))
             return
         self._over_cap = result.over_cap
+        self._handing_over = result.status in ("pending", "running")  # not once cancelling
+        if result.refused:
+            # The reservations were lost (leases expired while renewals failed): stop those
+            # runs, and drop every other reservation too, which may be lost the same way.
+            if self._refused_callback is not None:
+                self._refused_callback(result.refused)
+            dropped = [item.id for item in [*kept, *self._reserved, *result.reserved]]
+            self._reserved.clear()
+            if dropped:
+                await self.release(dropped)
+            return
         if self._closed:
             orphans = [item.id for item in [*kept, *result.reserved]]
             if orphans:

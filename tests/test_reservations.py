@@ -105,7 +105,8 @@ def test_a_retried_step_does_not_count_twice(submit: Submit) -> None:
     first = step(batch, claim=1, reserve=2)
     a, (b, c) = first.items[0].id, ids(first.reserved)
     step(batch, done=[a, b], handed=[b, c])
-    step(batch, done=[a, b], handed=[b, c])
+    again = step(batch, done=[a, b], handed=[b, c])
+    assert c not in again.refused, "c runs under w1 since the first attempt: not a lost reservation"
     batch.refresh_from_db()
     assert (batch.running_items, batch.succeeded_items, batch.pending_items) == (1, 2, 1)
     assert item(c).status == ItemStatus.RUNNING

@@ -57,6 +57,12 @@ class MemoryStore:
     def reserved_item_ids(self) -> list[int]:
         return []
 
+    def on_refused(self, callback: Any) -> None:
+        self.refused_callback = callback
+
+    async def trim(self, keep: int) -> None:
+        pass
+
     async def close(self) -> None:
         pass
 
@@ -406,6 +412,10 @@ class ReservingStore(MemoryStore):
     def reserved_item_ids(self) -> list[int]:
         return [item.id for item in self.reserved]
 
+    async def trim(self, keep: int) -> None:
+        while len(self.reserved) > keep:  # unreserved: pending again, first in line
+            self.pending.insert(0, self.reserved.pop())
+
     async def close(self) -> None:
         self.closed = True
         self.released += self.reserved_item_ids()
@@ -509,3 +519,20 @@ async def test_the_item_timeout_fails_the_item() -> None:
     store = MemoryStore(1)
     await asyncio.wait_for(runner_for(store, slow, 1, item_timeout=0.01).run(), TIMEOUT)
     assert (store.outcomes[0].status, store.outcomes[0].error) == (ItemStatus.FAILED, "Timed out after 0.01 s.")
+
+
+async def test_a_crashed_run_gives_its_reservations_back() -> None:
+    class CrashingStore(ReservingStore):
+        async def claim(self, limit: int) -> Claim:
+            if self.claims:
+                raise RuntimeError("the database went away for good")
+            return await super().claim(limit)
+
+    async def quick(params: dict[str, Any], ctx: ItemContext) -> None:
+        await asyncio.sleep(0)
+
+    store = CrashingStore(10)
+    store.reserve_target = 2
+    with pytest.raises(ExceptionGroup):
+        await asyncio.wait_for(runner_for(store, quick, 2).run(), TIMEOUT)
+    assert store.closed

@@ -127,6 +127,18 @@ def _start_reserved(batch: BatchJob, *, worker_id: str, started: Sequence[Handov
     return accepted
 
 
+def _running_under(worker_id: str, item_ids: Sequence[int]) -> set[int]:
+    if not item_ids:
+        return set()
+    marks = ", ".join(["%s"] * len(item_ids))
+    with _hot_cursor() as cursor:
+        cursor.execute(
+            f"SELECT id FROM batch_job_item WHERE id IN ({marks}) AND status = %s AND lease_owner = %s",
+            [*item_ids, ItemStatus.RUNNING, worker_id],
+        )
+        return {int(row[0]) for row in cursor.fetchall()}
+
+
 def _claim_locked(
     batch: BatchJob, *, worker_id: str, limit: int, promote: Sequence[int], lease: datetime, now: datetime
 ) -> list[ClaimedItem]:
@@ -141,7 +153,7 @@ def _claim_locked(
     if promote:
         marks = ", ".join(["%s"] * len(promote))
         rows = _move_pending(
-            f'id IN ({marks}) AND batch_id = %s AND status = %s AND lease_owner = %s ORDER BY "index" LIMIT %s',
+            f"id IN ({marks}) AND batch_id = %s AND status = %s AND lease_owner = %s ORDER BY id LIMIT %s",
             [*promote, _db_uuid(batch.id), ItemStatus.PENDING, worker_id, wanted],
             worker_id=worker_id,
             lease=lease,
@@ -290,9 +302,11 @@ def _step_locked(
     with transaction.atomic():
         batch = _lock_counters(batch_id)
         if batch is None:
-            return Claim(items=[], pending=0, status=BatchStatus.CANCELLED), [], BatchStatus.CANCELLED
+            refused = [h.item_id for h in started]
+            return Claim(items=[], pending=0, status=BatchStatus.CANCELLED, refused=refused), [], BatchStatus.CANCELLED
         was, now = batch.status, timezone.now()
         lease = now + timedelta(seconds=lease_seconds)
+        ours = _running_under(worker_id, [h.item_id for h in started])  # a retried step's, applied
         accepted = _start_reserved(batch, worker_id=worker_id, started=started, lease=lease)
         done = _complete_locked(batch, worker_id=worker_id, outcomes=outcomes)
         finalize_if_done(batch, now)
@@ -302,7 +316,7 @@ def _step_locked(
             batch.status = BatchStatus.RUNNING
         if done or items or accepted or batch.status != was:
             _write_counters(batch, now=now, started=was == BatchStatus.PENDING and batch.status != was)
-    refused = sorted({h.item_id for h in started} - set(accepted))
+    refused = sorted({h.item_id for h in started} - set(accepted) - ours)
     claim = Claim(
         items=items,
         pending=batch.pending_items,
@@ -410,8 +424,11 @@ WITH b AS (
 ), summary AS (
     SELECT upd.status, upd.was, upd.pending, upd.total, upd.over_cap,
            (SELECT coalesce(array_agg(id), '{}') FROM done) AS done_ids,
-           (SELECT coalesce(array_agg(id), '{}') FROM (SELECT id FROM done WHERE handed
-                                                       UNION ALL SELECT id FROM started) a) AS accepted,
+           (SELECT coalesce(array_agg(id), '{}') FROM (
+                SELECT id FROM done WHERE handed UNION ALL SELECT id FROM started
+                -- a retried step whose first answer was lost: its handovers already applied
+                UNION ALL SELECT id FROM batch_job_item WHERE id = ANY(%(starts)s::bigint[])
+                    AND (status = 'running' AND lease_owner = %(worker)s) IS TRUE) a) AS accepted,
            CASE WHEN upd.status <> upd.was AND upd.status IN ('succeeded', 'failed', 'cancelled')
                 THEN pg_notify(%(channel)s, 'finished:' || %(batch)s::text) END AS notified
     FROM upd
