@@ -37,11 +37,11 @@ _DJANGO_ONLY_OPTIONS = frozenset({"pool", "isolation_level", "server_side_bindin
 
 
 async def _pump_until_closed(
-    conn: psycopg.AsyncConnection[object], on_notify: Callable[[], None], closed: asyncio.Event
+    conn: psycopg.AsyncConnection[object], on_notify: Callable[[str], None], closed: asyncio.Event
 ) -> None:
     async def pump() -> None:
-        async for _ in conn.notifies():
-            on_notify()
+        async for notification in conn.notifies():
+            on_notify(notification.payload)
 
     pumping = asyncio.ensure_future(pump())
     closing = asyncio.ensure_future(closed.wait())
@@ -54,8 +54,9 @@ async def _pump_until_closed(
         pumping.result()  # re-raises a lost connection, for the caller to reconnect
 
 
-async def listen_for_control(on_notify: Callable[[], None], closed: asyncio.Event) -> None:
-    """Call `on_notify` for every control notification until `closed` is set."""
+async def listen_for_control(on_notify: Callable[[str], None], closed: asyncio.Event) -> None:
+    """Call `on_notify` with the payload (`kind:batch_id`) of every control notification until
+    `closed` is set; with "" after (re)connecting, for anything sent while not listening."""
     if connection.vendor != "postgresql":
         await closed.wait()
         return
@@ -65,7 +66,7 @@ async def listen_for_control(on_notify: Callable[[], None], closed: asyncio.Even
             async with await psycopg.AsyncConnection.connect(**_conninfo()) as conn:  # type: ignore[arg-type]
                 await conn.execute(f"LISTEN {CONTROL_CHANNEL}")
                 delay = 0.1
-                on_notify()  # anything sent while we were not listening
+                on_notify("")  # anything sent while we were not listening
                 await _pump_until_closed(conn, on_notify, closed)
         except psycopg.Error as exc:
             logger.warning("notification listener lost its connection, retrying in %.1fs: %s", delay, exc)

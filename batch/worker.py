@@ -110,7 +110,7 @@ class Worker:
                 group.create_task(self._heartbeat_loop())
                 group.create_task(self._watch_loop())
                 group.create_task(self._summary_loop())
-                group.create_task(listen_for_control(self.wake, self._closed))
+                group.create_task(listen_for_control(self._on_control, self._closed))
                 await self._dispatch_loop(group)
                 await self._drain()
                 self._closed.set()
@@ -135,6 +135,18 @@ class Worker:
                 runner.stop_claiming()
             else:
                 runner.abort()
+        self.wake()
+
+    def _on_control(self, payload: str) -> None:
+        """A control notification. A cancel is acted on at once: it is only sent by a cancel
+        request's own transaction, on commit, so the batch is cancelling by now; the watch
+        loop's read confirms it anyway."""
+        kind, _, batch_id = payload.partition(":")
+        if kind == "cancel":
+            with contextlib.suppress(ValueError):
+                runner = self.runners.get(uuid.UUID(batch_id))
+                if runner is not None:
+                    runner.cancel()
         self.wake()
 
     def wake(self) -> None:

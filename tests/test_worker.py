@@ -228,3 +228,26 @@ async def test_worker_exits_even_when_it_cannot_unregister(monkeypatch: pytest.M
         assert not database_back.is_set()
     finally:
         database_back.set()
+
+
+async def test_a_cancel_notification_cancels_the_batch_run_at_once() -> None:
+    """The payload names the batch: its runner stops launching without waiting for a read."""
+
+    class Runner:
+        cancelled = False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+        def wake(self) -> None:
+            pass
+
+    worker = Worker(config())
+    mine, other = Runner(), Runner()
+    batch_id = uuid.uuid4()
+    worker.runners.update({batch_id: mine, uuid.uuid4(): other})  # type: ignore[dict-item]
+    for payload in ("", "completed:" + str(batch_id), "cancel:not-a-uuid", f"cancel:{uuid.uuid4()}"):
+        worker._on_control(payload)
+    assert not mine.cancelled
+    worker._on_control(f"cancel:{batch_id}")
+    assert mine.cancelled and not other.cancelled
