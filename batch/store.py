@@ -81,6 +81,7 @@ class Step:
     claim: int = 0
     promote: list[int] = field(default_factory=list)
     reserve: int = 0
+    give_back: list[int] = field(default_factory=list)
 
 
 class GroupCommit:
@@ -114,6 +115,16 @@ class GroupCommit:
         self._claim: tuple[int, asyncio.Future[Claim]] | None = None
         self._drainer: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
+        self._given_back: list[int] = []
+
+    async def give_back(self, item_ids: list[int]) -> None:
+        """Queue reservations to give back with the next write, and wait until it is done."""
+        self._given_back.extend(item_ids)
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        written = self._next
+        self._ensure_drainer()
+        await asyncio.shield(written)
 
     def hand_over(self, handover: Handover) -> None:
         """Queue a handover; it is written with the next completions (queue those at once)."""
@@ -171,7 +182,7 @@ class GroupCommit:
                 await call_db(self._write, Step(outcomes=[outcome]))
             except DatabaseError as exc:
                 await call_db(self._write, Step(outcomes=[unstorable(outcome, exc)]))
-        rest = Step(claim=step.claim, promote=step.promote, reserve=step.reserve)
+        rest = Step(claim=step.claim, promote=step.promote, reserve=step.reserve, give_back=step.give_back)
         return dataclasses.replace(await call_db(self._write, rest), refused=refused)
 
     def _ensure_drainer(self) -> None:
@@ -179,9 +190,9 @@ class GroupCommit:
             self._drainer = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
-        while self._queue or self._started or self._claim is not None:
-            step = Step(outcomes=self._queue, started=self._started)
-            self._queue, self._started = [], []
+        while self._queue or self._started or self._given_back or self._claim is not None:
+            step = Step(outcomes=self._queue, started=self._started, give_back=self._given_back)
+            self._queue, self._started, self._given_back = [], [], []
             written, self._next = self._next, None
             claim, self._claim = self._claim, None
             step.claim, claimed = claim if claim is not None else (0, None)
@@ -273,12 +284,13 @@ class DatabaseStore:
             await self.release(surplus)
 
     async def close(self) -> None:
-        """Reserve nothing more and give the reservations back (cancelled if cancelling)."""
+        """Reserve nothing more and give the reservations back (cancelled if cancelling), in
+        the next write: on a cancel, with the outcomes of the items that stop."""
         self._closed, self.reserve_target = True, 0
         ids = [item.id for item in self._reserved]
         self._reserved.clear()
         if ids:
-            await self.release(ids)
+            await self._writes.give_back(ids)
 
     def _plan(self, step: Step) -> None:
         if self._closed:
@@ -328,4 +340,5 @@ class DatabaseStore:
             started=step.started,
             promote=step.promote,
             reserve_limit=step.reserve,
+            give_back=step.give_back,
         )

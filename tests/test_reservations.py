@@ -32,6 +32,7 @@ def step(
     promote: Sequence[int] = (),
     reserve: int = 0,
     lease: float = 30,
+    give_back: Sequence[int] = (),
 ) -> Claim:
     return services.complete_and_claim(
         batch_id=batch.id,
@@ -42,6 +43,7 @@ def step(
         started=[Handover(item_id) for item_id in handed],
         promote=promote,
         reserve_limit=reserve,
+        give_back=give_back,
     )
 
 
@@ -202,3 +204,26 @@ def test_a_finished_or_cancelling_batch_reserves_nothing(submit: Submit) -> None
     step(batch, claim=1)
     services.request_cancel(batch_id=batch.id)
     assert step(batch, reserve=3).reserved == []
+
+
+def test_a_step_gives_reservations_back_with_the_last_outcomes_of_a_cancel(submit: Submit) -> None:
+    batch = submit("demo.noop", [{}] * 6, max_parallel=1)
+    first = step(batch, claim=1, reserve=2)
+    services.request_cancel(batch_id=batch.id)
+    other = step(batch, worker="w2", give_back=ids(first.reserved))
+    assert other.status == BatchStatus.CANCELLING, "another worker cannot give w1's reservations back"
+    result = step(batch, done=[first.items[0].id], give_back=ids(first.reserved))
+    assert result.status == BatchStatus.CANCELLED, "one step: the last outcome and the reservations"
+    batch.refresh_from_db()
+    assert (batch.succeeded_items, batch.cancelled_items, batch.running_items) == (1, 5, 0)
+    assert all(item(i).finished_at is not None for i in ids(first.reserved))
+
+
+def test_a_step_gives_reservations_back_unreserved_in_a_running_batch(submit: Submit) -> None:
+    batch = submit("demo.noop", [{}] * 4, max_parallel=1)
+    first = step(batch, claim=1, reserve=2)
+    step(batch, give_back=ids(first.reserved))
+    assert [(item(i).status, item(i).lease_owner) for i in ids(first.reserved)] == [(ItemStatus.PENDING, "")] * 2
+    batch.refresh_from_db()
+    assert (batch.running_items, batch.pending_items) == (1, 3)
+    assert [i.index for i in step(batch, worker="w2", reserve=5).reserved] == [1, 2, 3]

@@ -127,6 +127,25 @@ def _start_reserved(batch: BatchJob, *, worker_id: str, started: Sequence[Handov
     return accepted
 
 
+def _give_back_locked(batch: BatchJob, *, worker_id: str, item_ids: Sequence[int], now: datetime) -> int:
+    """Unreserve `worker_id`'s reservations among `item_ids`; cancel them in a cancelling batch."""
+    if not item_ids:
+        return 0
+    marks = ", ".join(["%s"] * len(item_ids))
+    cancel = batch.status == BatchStatus.CANCELLING
+    status, finished = (ItemStatus.CANCELLED, _db_time(now)) if cancel else (ItemStatus.PENDING, None)
+    with _hot_cursor() as cursor:
+        cursor.execute(
+            "UPDATE batch_job_item SET status = %s, finished_at = %s, lease_owner = '', lease_expires_at = NULL"
+            f" WHERE id IN ({marks}) AND batch_id = %s AND status = %s AND lease_owner = %s",
+            [status, finished, *item_ids, _db_uuid(batch.id), ItemStatus.PENDING, worker_id],
+        )
+        count = int(cursor.rowcount)
+    if cancel:
+        batch.cancelled_items += count
+    return count
+
+
 def _running_under(worker_id: str, item_ids: Sequence[int]) -> set[int]:
     if not item_ids:
         return set()
@@ -249,6 +268,7 @@ def complete_and_claim(
     started: Sequence[Handover] = (),
     promote: Sequence[int] = (),
     reserve_limit: int = 0,
+    give_back: Sequence[int] = (),
 ) -> Claim:
     """One step of a worker on a batch, in one transaction under the batch-row lock:
 
@@ -257,7 +277,9 @@ def complete_and_claim(
     2. `outcomes`: record finished items (a handed-over item may finish in the same step);
     3. claim up to `claim_limit` items to start now, within the cap the completions freed:
        the worker's reserved items in `promote` first, then unreserved ones;
-    4. reserve up to `reserve_limit` more pending items for later handovers.
+    4. reserve up to `reserve_limit` more pending items for later handovers;
+    5. `give_back`: reservations the worker no longer wants — unreserved, or cancelled in a
+       cancelling batch (a cancel leaves reserved items to their worker).
 
     Only items under `worker_id`'s lease are written: a late result (force-cancelled, or
     taken over after its lease expired) is discarded, and so is a handover of a reservation
@@ -273,6 +295,7 @@ def complete_and_claim(
         started=started,
         promote=promote,
         reserve_limit=reserve_limit,
+        give_back=give_back,
     )
     if was == BatchStatus.PENDING and claim.status == BatchStatus.RUNNING:
         logger.info("batch started", extra={"batch_id": str(batch_id), "worker_id": worker_id})
@@ -297,6 +320,7 @@ def _step_locked(
     started: Sequence[Handover],
     promote: Sequence[int],
     reserve_limit: int,
+    give_back: Sequence[int],
 ) -> tuple[Claim, list[int], str]:
     """The step as a few statements after locking the batch row (SQLite; the reference)."""
     with transaction.atomic():
@@ -309,12 +333,13 @@ def _step_locked(
         ours = _running_under(worker_id, [h.item_id for h in started])  # a retried step's, applied
         accepted = _start_reserved(batch, worker_id=worker_id, started=started, lease=lease)
         done = _complete_locked(batch, worker_id=worker_id, outcomes=outcomes)
+        given = _give_back_locked(batch, worker_id=worker_id, item_ids=give_back, now=now)
         finalize_if_done(batch, now)
         items = _claim_locked(batch, worker_id=worker_id, limit=claim_limit, promote=promote, lease=lease, now=now)
         reserved = _reserve_locked(batch, worker_id=worker_id, limit=reserve_limit, lease=lease)
         if (items or accepted) and batch.status == BatchStatus.PENDING:
             batch.status = BatchStatus.RUNNING
-        if done or items or accepted or batch.status != was:
+        if done or items or accepted or given or batch.status != was:
             _write_counters(batch, now=now, started=was == BatchStatus.PENDING and batch.status != was)
     refused = sorted({h.item_id for h in started} - set(accepted) - ours)
     claim = Claim(
@@ -329,17 +354,19 @@ def _step_locked(
 
 
 # PostgreSQL does the whole step in one statement (one round trip, no BEGIN/COMMIT): lock the
-# batch row, start the handed-over items, write the completions (lease-guarded), claim within
-# the cap the completions freed (own reserved items first), reserve more, update the counters
-# and finalize. `b` is locked before any item is touched: the item CTEs join it and the claim's
-# LIMIT reads it. A claimer that waited for the lock reads the row as committed by the other
-# (FOR UPDATE returns the latest version); items the other claimed fail the re-checked
-# `status`/`lease_owner` and are skipped. A row is updated by one CTE only: `done` takes the
-# handed-over items that also finished (`v.handed`: pending before, so their start counts
-# now), `started` the other handovers. Mirrors `_step_locked`. Rows named by id are found by
-# primary key: their other conditions are wrapped in `(…) IS TRUE` so the planner cannot
-# choose a scan of a partial index over the whole batch instead (it did, with or without
-# statistics, and a step on a 10,000-item batch took 25 to 60 ms instead of a few).
+# batch row, start the handed-over items, write the completions (lease-guarded), give back
+# unwanted reservations, claim within the cap the completions freed (own reserved items
+# first), reserve more, update the counters and finalize. `b` is locked before any item is
+# touched: the item CTEs join it and the claim's LIMIT reads it. A claimer that waited for
+# the lock reads the row as committed by the other (FOR UPDATE returns the latest version);
+# items the other claimed fail the re-checked `status`/`lease_owner` and are skipped. A row
+# is updated by one CTE only: `done` takes the handed-over items that also finished
+# (`v.handed`: pending before, so their start counts now), `started` the other handovers,
+# `given` the reservations given back (never handed over or promoted: the store keeps them
+# apart). Mirrors `_step_locked`. Rows named by id are found by primary key: their other
+# conditions are wrapped in `(…) IS TRUE` so the planner cannot choose a scan of a partial
+# index over the whole batch instead (it did, with or without statistics, and a step on a
+# 10,000-item batch took 25 to 60 ms instead of a few).
 _STEP_SQL = """
 WITH b AS (
     SELECT id, status, LEAST(max_parallel, %(cap)s) AS cap, total_items, running_items,
@@ -368,8 +395,17 @@ WITH b AS (
     WHERE i.id = ANY(%(starts)s::bigint[]) AND i.id = h.id
       AND (i.batch_id = b.id AND i.status = 'pending' AND i.lease_owner = %(worker)s) IS TRUE
     RETURNING i.id
+), given AS (
+    UPDATE batch_job_item i SET status = CASE WHEN b.status = 'cancelling' THEN 'cancelled' ELSE 'pending' END,
+        finished_at = CASE WHEN b.status = 'cancelling' THEN %(now)s::timestamptz END,
+        lease_owner = '', lease_expires_at = NULL
+    FROM b
+    WHERE i.id = ANY(%(give_back)s::bigint[])
+      AND (i.batch_id = b.id AND i.status = 'pending' AND i.lease_owner = %(worker)s) IS TRUE
+    RETURNING i.status
 ), counts AS (
     SELECT count(*) FILTER (WHERE NOT handed) AS n, (SELECT count(*) FROM started) AS s,
+           (SELECT count(*) FROM given WHERE status = 'cancelled') AS dropped,
            count(*) FILTER (WHERE status = 'succeeded') AS ok,
            count(*) FILTER (WHERE status = 'failed') AS bad, count(*) FILTER (WHERE status = 'cancelled') AS gone
     FROM done
@@ -402,7 +438,7 @@ WITH b AS (
     SELECT b.id, b.status AS was, b.total_items AS total, b.cap,
            b.running_items - counts.n + counts.s + (SELECT count(*) FROM claimed WHERE run) AS running,
            b.succeeded_items + counts.ok AS succeeded, b.failed_items + counts.bad AS failed,
-           b.cancelled_items + counts.gone AS cancelled
+           b.cancelled_items + counts.gone + counts.dropped AS cancelled
     FROM b, counts
 ), x AS (
     SELECT nxt.*, CASE
@@ -453,6 +489,7 @@ def _step_postgres(
     started: Sequence[Handover],
     promote: Sequence[int],
     reserve_limit: int,
+    give_back: Sequence[int],
 ) -> tuple[Claim, list[int], str]:
     """The step as one statement; (claim, ids of the items written, status before)."""
     by_id = {outcome.item_id: outcome for outcome in outcomes}
@@ -478,6 +515,7 @@ def _step_postgres(
         "started_at": [handed.get(item_id) for item_id in by_id],
         "starts": list(starts),
         "starts_at": list(starts.values()),
+        "give_back": list(give_back),
     }
     with _hot_cursor() as cursor:
         cursor.execute(_STEP_SQL, params, prepare=True)  # planned once per connection
