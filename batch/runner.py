@@ -235,9 +235,11 @@ class BatchRunner:
         self._close_store_soon()
 
     def _close_store_soon(self) -> None:
-        """Give the reservations back now, not when the loop next gets a slot (it may wait
-        for one behind another batch's long item)."""
-        if self._group is not None and not self._closing:
+        """With nothing of this batch running here, give the reservations back now rather than
+        when the loop next gets a slot: it may wait for one behind another batch's long item.
+        With items running, the loop does it once the first of them stops, in the same write
+        as their outcomes."""
+        if self._group is not None and not self._closing and not self._running:
             self._closing = True
             with contextlib.suppress(RuntimeError):  # the group is shutting down: run() closes
                 self._group.create_task(self.store.close())
