@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import threading
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -73,6 +74,9 @@ class ItemContext:
             self._on_progress(self)
 
 
+_validators = threading.local()
+
+
 @dataclass(frozen=True)
 class HandlerSpec:
     name: str
@@ -87,9 +91,17 @@ class HandlerSpec:
             raise serializers.ValidationError({"non_field_errors": ["Expected a JSON object."]})
         if self.params is None:
             return dict(params)
-        serializer = self.params(data=params)
-        serializer.is_valid(raise_exception=True)
-        return dict(serializer.validated_data)
+        return dict(self._validator().run_validation(params))
+
+    def _validator(self) -> serializers.Serializer[Any]:
+        """One serializer per handler and thread, reused for every item (as DRF's
+        `many=True` reuses its child): building its fields per item was most of a submit."""
+        cache: dict[str, serializers.Serializer[Any]] = _validators.__dict__.setdefault("by_name", {})
+        validator = cache.get(self.name)
+        if validator is None or type(validator) is not self.params:
+            assert self.params is not None
+            validator = cache[self.name] = self.params()
+        return validator
 
     def call(self, params: dict[str, Any], ctx: ItemContext) -> Awaitable[Any] | Any:
         return self.func(params, ctx)
