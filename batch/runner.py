@@ -62,7 +62,8 @@ class BatchStore(Protocol):
     async def release(self, item_ids: list[int]) -> None: ...
 
     # Reservations (see `batch.store.DatabaseStore`); a store without them returns None / [].
-    reserve_target: int
+    reserve_target: int  # for the items running here now
+    reserve_depth: int  # for each item a claim starts
 
     def take_reserved(self) -> ClaimedItem | None:
         """A reserved item to start in place of one that finished (a handover), or None."""
@@ -271,7 +272,7 @@ class BatchRunner:
                 if slots == 0:
                     break
                 self._wakeup.clear()  # before the claim: a wake-up during it is not lost
-                self._set_reserve_target(len(self._running) + slots)
+                self._set_reserve_target(len(self._running))
                 try:
                     claim = await self.store.claim(slots)
                 except BaseException:
@@ -299,11 +300,12 @@ class BatchRunner:
     def _set_reserve_target(self, running: int) -> None:
         """Reserve for `running` slots as many items as they get through in the horizon."""
         if self._should_stop():
-            self.store.reserve_target = 0
+            self.store.reserve_target = self.store.reserve_depth = 0
             return
         mean = self._mean_duration
         depth = 1 if mean is None else max(1, min(MAX_DEPTH, math.ceil(HANDOVER_HORIZON / max(mean, 1e-6))))
-        self.store.reserve_target = depth * min(running, self.parallel)
+        self.store.reserve_target = depth * min(max(running, 0), self.parallel)
+        self.store.reserve_depth = depth
 
     def _successor(self) -> ClaimedItem | None:
         """The reserved item to start in the slot of one that just finished, if any may."""

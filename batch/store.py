@@ -81,6 +81,7 @@ class Step:
     claim: int = 0
     promote: list[int] = field(default_factory=list)
     reserve: int = 0
+    reserve_per_claim: int = 0
     give_back: list[int] = field(default_factory=list)
 
 
@@ -182,7 +183,13 @@ class GroupCommit:
                 await call_db(self._write, Step(outcomes=[outcome]))
             except DatabaseError as exc:
                 await call_db(self._write, Step(outcomes=[unstorable(outcome, exc)]))
-        rest = Step(claim=step.claim, promote=step.promote, reserve=step.reserve, give_back=step.give_back)
+        rest = Step(
+            claim=step.claim,
+            promote=step.promote,
+            reserve=step.reserve,
+            reserve_per_claim=step.reserve_per_claim,
+            give_back=step.give_back,
+        )
         return dataclasses.replace(await call_db(self._write, rest), refused=refused)
 
     def _ensure_drainer(self) -> None:
@@ -230,7 +237,9 @@ class DatabaseStore:
     It also keeps the worker's reservations of the batch: pending items leased to this
     worker, each started only in place of one of its items that finished (`take_reserved`),
     so a slot goes from one item to the next without waiting for a database round trip.
-    `reserve_target` (set by the runner) is how many it tries to hold; every write tops up.
+    `reserve_target` (set by the runner) is how many it tries to hold for the items running
+    now; every write tops up. A claim also reserves `reserve_depth` for each item it starts, so
+    a worker whose claims find the cap full holds none.
     """
 
     def __init__(self, *, batch_id: uuid.UUID, worker_id: str, lease_seconds: float) -> None:
@@ -238,6 +247,7 @@ class DatabaseStore:
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
         self.reserve_target = 0
+        self.reserve_depth = 0
         self._reserved: deque[ClaimedItem] = deque()
         self._promoting: dict[int, ClaimedItem] = {}
         self._over_cap = False
@@ -286,7 +296,7 @@ class DatabaseStore:
     async def close(self) -> None:
         """Reserve nothing more and give the reservations back (cancelled if cancelling), in
         the next write: on a cancel, with the outcomes of the items that stop."""
-        self._closed, self.reserve_target = True, 0
+        self._closed, self.reserve_target, self.reserve_depth = True, 0, 0
         ids = [item.id for item in self._reserved]
         self._reserved.clear()
         if ids:
@@ -301,6 +311,9 @@ class DatabaseStore:
             step.promote.append(item.id)
         held = len(self._reserved) + len(self._promoting)
         step.reserve = max(0, min(self.reserve_target, MAX_RESERVED) - held)
+        if step.claim:  # for the items the claim starts: none if the cap is full
+            room = MAX_RESERVED - held - step.reserve
+            step.reserve_per_claim = max(0, min(self.reserve_depth, room // step.claim))
 
     async def _settle(self, step: Step, result: Claim | None) -> None:
         started = {item.id for item in result.items} if result else set()
@@ -340,5 +353,6 @@ class DatabaseStore:
             started=step.started,
             promote=step.promote,
             reserve_limit=step.reserve,
+            reserve_per_claim=step.reserve_per_claim,
             give_back=step.give_back,
         )

@@ -227,3 +227,15 @@ def test_a_step_gives_reservations_back_unreserved_in_a_running_batch(submit: Su
     batch.refresh_from_db()
     assert (batch.running_items, batch.pending_items) == (1, 3)
     assert [i.index for i in step(batch, worker="w2", reserve=5).reserved] == [1, 2, 3]
+
+
+def test_a_claim_that_finds_the_cap_full_reserves_nothing_per_claim(submit: Submit) -> None:
+    batch = submit("demo.noop", [{}] * 20, max_parallel=2)
+    first = services.complete_and_claim(
+        batch_id=batch.id, worker_id="w1", outcomes=[], claim_limit=2, lease_seconds=30, reserve_per_claim=3
+    )
+    assert (len(first.items), len(first.reserved)) == (2, 6), "3 reserved for each item started"
+    second = services.complete_and_claim(
+        batch_id=batch.id, worker_id="w2", outcomes=[], claim_limit=2, lease_seconds=30, reserve_per_claim=3
+    )
+    assert (second.items, second.reserved) == ([], []), "no slot: nothing to hand over, nothing held"

@@ -50,6 +50,7 @@ class MemoryStore:
         self.released.extend(item_ids)
 
     reserve_target = 0
+    reserve_depth = 0
 
     def take_reserved(self) -> ClaimedItem | None:
         return None
@@ -381,9 +382,9 @@ class ReservingStore(MemoryStore):
         self.events: list[tuple[str, int]] = []
         self.closed = False
 
-    def _top_up(self) -> None:
+    def _top_up(self, started: int = 0) -> None:
         if not self.closed and self.status == "running":
-            wanted = max(0, self.reserve_target - len(self.reserved))
+            wanted = max(0, self.reserve_target + self.reserve_depth * started - len(self.reserved))
             self.reserved += self.pending[:wanted]
             self.pending = self.pending[wanted:]
 
@@ -394,7 +395,7 @@ class ReservingStore(MemoryStore):
         own = min(limit, len(self.reserved))
         taken, self.reserved = self.reserved[:own], self.reserved[own:]
         fresh, self.pending = self.pending[: limit - own], self.pending[limit - own :]
-        self._top_up()
+        self._top_up(started=len(taken) + len(fresh))
         return Claim(items=taken + fresh, pending=len(self.pending) + len(self.reserved), status=self.status)
 
     def enqueue(self, outcomes: list[Outcome]) -> None:

@@ -268,6 +268,7 @@ def complete_and_claim(
     started: Sequence[Handover] = (),
     promote: Sequence[int] = (),
     reserve_limit: int = 0,
+    reserve_per_claim: int = 0,
     give_back: Sequence[int] = (),
 ) -> Claim:
     """One step of a worker on a batch, in one transaction under the batch-row lock:
@@ -277,7 +278,8 @@ def complete_and_claim(
     2. `outcomes`: record finished items (a handed-over item may finish in the same step);
     3. claim up to `claim_limit` items to start now, within the cap the completions freed:
        the worker's reserved items in `promote` first, then unreserved ones;
-    4. reserve up to `reserve_limit` more pending items for later handovers;
+    4. reserve up to `reserve_limit` more pending items for later handovers, plus
+       `reserve_per_claim` for each item the claim starts (none when the cap is full);
     5. `give_back`: reservations the worker no longer wants — unreserved, or cancelled in a
        cancelling batch (a cancel leaves reserved items to their worker).
 
@@ -295,6 +297,7 @@ def complete_and_claim(
         started=started,
         promote=promote,
         reserve_limit=reserve_limit,
+        reserve_per_claim=reserve_per_claim,
         give_back=give_back,
     )
     if was == BatchStatus.PENDING and claim.status == BatchStatus.RUNNING:
@@ -320,6 +323,7 @@ def _step_locked(
     started: Sequence[Handover],
     promote: Sequence[int],
     reserve_limit: int,
+    reserve_per_claim: int,
     give_back: Sequence[int],
 ) -> tuple[Claim, list[int], str]:
     """The step as a few statements after locking the batch row (SQLite; the reference)."""
@@ -336,7 +340,8 @@ def _step_locked(
         given = _give_back_locked(batch, worker_id=worker_id, item_ids=give_back, now=now)
         finalize_if_done(batch, now)
         items = _claim_locked(batch, worker_id=worker_id, limit=claim_limit, promote=promote, lease=lease, now=now)
-        reserved = _reserve_locked(batch, worker_id=worker_id, limit=reserve_limit, lease=lease)
+        limit = reserve_limit + reserve_per_claim * len(items)
+        reserved = _reserve_locked(batch, worker_id=worker_id, limit=limit, lease=lease)
         if (items or accepted) and batch.status == BatchStatus.PENDING:
             batch.status = BatchStatus.RUNNING
         if done or items or accepted or given or batch.status != was:
@@ -413,7 +418,9 @@ WITH b AS (
     SELECT GREATEST(0, LEAST(%(limit)s, b.cap - b.running_items + counts.n - counts.s)) AS n
     FROM b, counts WHERE b.status IN ('pending', 'running')
 ), room AS (
-    SELECT coalesce(max(n), 0) AS n, CASE WHEN count(*) > 0 THEN %(reserve)s ELSE 0 END AS reserve FROM want
+    SELECT coalesce(max(n), 0) AS n,
+           CASE WHEN count(*) > 0 THEN %(reserve)s + %(per_claim)s * coalesce(max(n), 0) ELSE 0 END AS reserve
+    FROM want
 ), prom AS (
     SELECT id FROM batch_job_item
     WHERE id = ANY(%(promote)s::bigint[])
@@ -489,6 +496,7 @@ def _step_postgres(
     started: Sequence[Handover],
     promote: Sequence[int],
     reserve_limit: int,
+    reserve_per_claim: int,
     give_back: Sequence[int],
 ) -> tuple[Claim, list[int], str]:
     """The step as one statement; (claim, ids of the items written, status before)."""
@@ -502,6 +510,7 @@ def _step_postgres(
         "worker": worker_id,
         "limit": claim_limit,
         "reserve": reserve_limit,
+        "per_claim": reserve_per_claim,
         "promote": list(promote),
         "lease": now + timedelta(seconds=lease_seconds),
         "now": now,
