@@ -15,7 +15,6 @@ import logging
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
 from asgiref.sync import sync_to_async
@@ -23,7 +22,7 @@ from django.db import DatabaseError, InterfaceError, InternalError, OperationalE
 
 from batch import services
 from batch.models import ItemStatus
-from batch.services import Claim, ClaimedItem, Handover, Outcome
+from batch.services import Claim, ClaimedItem, Handover, Outcome, Step
 
 logger = logging.getLogger(__name__)
 
@@ -70,19 +69,6 @@ def unstorable(outcome: Outcome, exc: Exception) -> Outcome:
     """The outcome to record instead of one whose result or error the database refused."""
     error = f"The outcome could not be stored ({type(exc).__name__}); it was {outcome.status}."
     return Outcome(outcome.item_id, ItemStatus.FAILED, error=error, finished_at=outcome.finished_at)
-
-
-@dataclass
-class Step:
-    """One write: what a worker tells the database about one batch, and what it asks for."""
-
-    outcomes: list[Outcome] = field(default_factory=list)
-    started: list[Handover] = field(default_factory=list)
-    claim: int = 0
-    promote: list[int] = field(default_factory=list)
-    reserve: int = 0
-    reserve_per_claim: int = 0
-    give_back: list[int] = field(default_factory=list)
 
 
 class GroupCommit:
@@ -344,15 +330,6 @@ class DatabaseStore:
         self._reserved.extend(result.reserved)
 
     def _write(self, step: Step) -> Claim:
-        return services.complete_and_claim(
-            batch_id=self.batch_id,
-            worker_id=self.worker_id,
-            outcomes=step.outcomes,
-            claim_limit=step.claim,
-            lease_seconds=self.lease_seconds,
-            started=step.started,
-            promote=step.promote,
-            reserve_limit=step.reserve,
-            reserve_per_claim=step.reserve_per_claim,
-            give_back=step.give_back,
+        return services.run_step(
+            batch_id=self.batch_id, worker_id=self.worker_id, lease_seconds=self.lease_seconds, step=step
         )

@@ -9,8 +9,8 @@ import pytest
 from django.db import DataError, ProgrammingError
 
 from batch.models import ItemStatus
-from batch.services import Claim, ClaimedItem, Outcome
-from batch.store import GroupCommit, Step
+from batch.services import Claim, ClaimedItem, Outcome, Step
+from batch.store import GroupCommit
 
 
 async def test_a_refused_outcome_fails_alone_and_the_claim_still_happens() -> None:

@@ -21,12 +21,13 @@ from batch.services._base import (
     Handover,
     InvalidValue,
     Outcome,
+    Step,
     SubmitError,
     SubmitResult,
     effective_parallel,
 )
 from batch.services.control import cancel_deadline, request_cancel, resize_batch
-from batch.services.execution import claim_items, complete_and_claim, complete_items, release_items
+from batch.services.execution import claim_items, complete_and_claim, complete_items, release_items, run_step
 from batch.services.leases import recover_expired_leases, register_worker, renew_leases, unregister_worker
 from batch.services.submit import MAX_REPORTED_ITEM_ERRORS, submit_batch
 
@@ -42,6 +43,7 @@ __all__ = [
     "Handover",
     "InvalidValue",
     "Outcome",
+    "Step",
     "SubmitError",
     "SubmitResult",
     "cancel_deadline",
@@ -55,6 +57,7 @@ __all__ = [
     "renew_leases",
     "request_cancel",
     "resize_batch",
+    "run_step",
     "submit_batch",
     "unregister_worker",
 ]

@@ -118,6 +118,20 @@ class Outcome:
     finished_at: datetime = field(default_factory=partial(datetime.now, UTC))
 
 
+@dataclass
+class Step:
+    """One write of a worker about one batch: what it reports and what it asks for
+    (see `execution.run_step`)."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    started: list[Handover] = field(default_factory=list)
+    claim: int = 0
+    promote: list[int] = field(default_factory=list)
+    reserve: int = 0
+    reserve_per_claim: int = 0
+    give_back: list[int] = field(default_factory=list)
+
+
 def chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
     iterator = iter(iterable)
     while chunk := list(itertools.islice(iterator, size)):

@@ -29,6 +29,7 @@ from batch.services._base import (
     ClaimedItem,
     Handover,
     Outcome,
+    Step,
     apply_finished,
     chunks,
     finalize_if_done,
@@ -271,41 +272,44 @@ def complete_and_claim(
     reserve_per_claim: int = 0,
     give_back: Sequence[int] = (),
 ) -> Claim:
+    """`run_step` with the step's parts as keywords."""
+    step = Step(
+        outcomes=list(outcomes),
+        started=list(started),
+        claim=claim_limit,
+        promote=list(promote),
+        reserve=reserve_limit,
+        reserve_per_claim=reserve_per_claim,
+        give_back=list(give_back),
+    )
+    return run_step(batch_id=batch_id, worker_id=worker_id, lease_seconds=lease_seconds, step=step)
+
+
+def run_step(*, batch_id: uuid.UUID, worker_id: str, lease_seconds: float, step: Step) -> Claim:
     """One step of a worker on a batch, in one transaction under the batch-row lock:
 
-    1. `started`: reserved items the worker started in place of finished ones → running
+    1. `step.started`: reserved items the worker started in place of finished ones → running
        (a handover: the finished item still counted against the cap until now);
-    2. `outcomes`: record finished items (a handed-over item may finish in the same step);
-    3. claim up to `claim_limit` items to start now, within the cap the completions freed:
-       the worker's reserved items in `promote` first, then unreserved ones;
-    4. reserve up to `reserve_limit` more pending items for later handovers, plus
-       `reserve_per_claim` for each item the claim starts (none when the cap is full);
-    5. `give_back`: reservations the worker no longer wants — unreserved, or cancelled in a
-       cancelling batch (a cancel leaves reserved items to their worker).
+    2. `step.outcomes`: record finished items (a handed-over item may finish in the same step);
+    3. claim up to `step.claim` items to start now, within the cap the completions freed: the
+       worker's reserved items in `step.promote` first, then unreserved ones;
+    4. reserve up to `step.reserve` more pending items for later handovers, plus
+       `step.reserve_per_claim` for each item the claim starts (none when the cap is full);
+    5. `step.give_back`: reservations the worker no longer wants — unreserved, or cancelled in
+       a cancelling batch (a cancel leaves reserved items to their worker).
 
     Only items under `worker_id`'s lease are written: a late result (force-cancelled, or
     taken over after its lease expired) is discarded, and so is a handover of a reservation
     that was lost (`Claim.refused`). The pending → running move is the item's start.
     """
-    step = _step_postgres if connection.vendor == "postgresql" else _step_locked
-    claim, done, was = step(
-        batch_id=batch_id,
-        worker_id=worker_id,
-        outcomes=outcomes,
-        claim_limit=claim_limit,
-        lease_seconds=lease_seconds,
-        started=started,
-        promote=promote,
-        reserve_limit=reserve_limit,
-        reserve_per_claim=reserve_per_claim,
-        give_back=give_back,
-    )
+    write = _step_postgres if connection.vendor == "postgresql" else _step_locked
+    claim, done, was = write(batch_id, worker_id, lease_seconds, step)
     if was == BatchStatus.PENDING and claim.status == BatchStatus.RUNNING:
         logger.info("batch started", extra={"batch_id": str(batch_id), "worker_id": worker_id})
-    if done or claim.items or claim.status != was or len(claim.refused) < len(started):
-        changed = {*done, *(i.id for i in claim.items), *(h.item_id for h in started)} - set(claim.refused)
+    if done or claim.items or claim.status != was or len(claim.refused) < len(step.started):
+        changed = {*done, *(i.id for i in claim.items), *(h.item_id for h in step.started)} - set(claim.refused)
         notify(batch_id, "completed", sorted(changed), wake=False)
-    discarded = len({o.item_id for o in outcomes}) - len(done)
+    discarded = len({o.item_id for o in step.outcomes}) - len(done)
     if discarded:
         logger.warning("discarded late results", extra={"batch_id": str(batch_id), "discarded": discarded})
     if claim.refused:
@@ -313,40 +317,28 @@ def complete_and_claim(
     return claim
 
 
-def _step_locked(
-    *,
-    batch_id: uuid.UUID,
-    worker_id: str,
-    outcomes: Sequence[Outcome],
-    claim_limit: int,
-    lease_seconds: float,
-    started: Sequence[Handover],
-    promote: Sequence[int],
-    reserve_limit: int,
-    reserve_per_claim: int,
-    give_back: Sequence[int],
-) -> tuple[Claim, list[int], str]:
+def _step_locked(batch_id: uuid.UUID, worker_id: str, lease_seconds: float, step: Step) -> tuple[Claim, list[int], str]:
     """The step as a few statements after locking the batch row (SQLite; the reference)."""
     with transaction.atomic():
         batch = _lock_counters(batch_id)
         if batch is None:
-            refused = [h.item_id for h in started]
+            refused = [h.item_id for h in step.started]
             return Claim(items=[], pending=0, status=BatchStatus.CANCELLED, refused=refused), [], BatchStatus.CANCELLED
         was, now = batch.status, timezone.now()
         lease = now + timedelta(seconds=lease_seconds)
-        ours = _running_under(worker_id, [h.item_id for h in started])  # a retried step's, applied
-        accepted = _start_reserved(batch, worker_id=worker_id, started=started, lease=lease)
-        done = _complete_locked(batch, worker_id=worker_id, outcomes=outcomes)
-        given = _give_back_locked(batch, worker_id=worker_id, item_ids=give_back, now=now)
+        ours = _running_under(worker_id, [h.item_id for h in step.started])  # a retried step's, applied
+        accepted = _start_reserved(batch, worker_id=worker_id, started=step.started, lease=lease)
+        done = _complete_locked(batch, worker_id=worker_id, outcomes=step.outcomes)
+        given = _give_back_locked(batch, worker_id=worker_id, item_ids=step.give_back, now=now)
         finalize_if_done(batch, now)
-        items = _claim_locked(batch, worker_id=worker_id, limit=claim_limit, promote=promote, lease=lease, now=now)
-        limit = reserve_limit + reserve_per_claim * len(items)
+        items = _claim_locked(batch, worker_id=worker_id, limit=step.claim, promote=step.promote, lease=lease, now=now)
+        limit = step.reserve + step.reserve_per_claim * len(items)
         reserved = _reserve_locked(batch, worker_id=worker_id, limit=limit, lease=lease)
         if (items or accepted) and batch.status == BatchStatus.PENDING:
             batch.status = BatchStatus.RUNNING
         if done or items or accepted or given or batch.status != was:
             _write_counters(batch, now=now, started=was == BatchStatus.PENDING and batch.status != was)
-    refused = sorted({h.item_id for h in started} - set(accepted) - ours)
+    refused = sorted({h.item_id for h in step.started} - set(accepted) - ours)
     claim = Claim(
         items=items,
         pending=batch.pending_items,
@@ -487,31 +479,21 @@ FROM claimed c WHERE c.id > (SELECT min(id) FROM claimed)
 
 
 def _step_postgres(
-    *,
-    batch_id: uuid.UUID,
-    worker_id: str,
-    outcomes: Sequence[Outcome],
-    claim_limit: int,
-    lease_seconds: float,
-    started: Sequence[Handover],
-    promote: Sequence[int],
-    reserve_limit: int,
-    reserve_per_claim: int,
-    give_back: Sequence[int],
+    batch_id: uuid.UUID, worker_id: str, lease_seconds: float, step: Step
 ) -> tuple[Claim, list[int], str]:
     """The step as one statement; (claim, ids of the items written, status before)."""
-    by_id = {outcome.item_id: outcome for outcome in outcomes}
-    handed = {handover.item_id: handover.started_at for handover in started}
+    by_id = {outcome.item_id: outcome for outcome in step.outcomes}
+    handed = {handover.item_id: handover.started_at for handover in step.started}
     starts = {item_id: at for item_id, at in handed.items() if item_id not in by_id}  # still running
     now = timezone.now()
     params = {
         "batch": batch_id,
         "cap": settings.BATCH_GLOBAL_MAX_PARALLEL,
         "worker": worker_id,
-        "limit": claim_limit,
-        "reserve": reserve_limit,
-        "per_claim": reserve_per_claim,
-        "promote": list(promote),
+        "limit": step.claim,
+        "reserve": step.reserve,
+        "per_claim": step.reserve_per_claim,
+        "promote": step.promote,
         "lease": now + timedelta(seconds=lease_seconds),
         "now": now,
         "channel": CONTROL_CHANNEL,
@@ -524,7 +506,7 @@ def _step_postgres(
         "started_at": [handed.get(item_id) for item_id in by_id],
         "starts": list(starts),
         "starts_at": list(starts.values()),
-        "give_back": list(give_back),
+        "give_back": step.give_back,
     }
     with _hot_cursor() as cursor:
         cursor.execute(_STEP_SQL, params, prepare=True)  # planned once per connection
