@@ -107,11 +107,7 @@ class GroupCommit:
     async def give_back(self, item_ids: list[int]) -> None:
         """Queue reservations to give back with the next write, and wait until it is done."""
         self._given_back.extend(item_ids)
-        if self._next is None:
-            self._next = asyncio.get_running_loop().create_future()
-        written = self._next
-        self._ensure_drainer()
-        await asyncio.shield(written)
+        await asyncio.shield(self._next_write())
 
     def hand_over(self, handover: Handover) -> None:
         """Queue a handover; it is written with the next completions (queue those at once)."""
@@ -132,6 +128,10 @@ class GroupCommit:
         if self._failure is not None:
             raise self._failure
         self._queue.extend(outcomes)
+        return self._next_write()
+
+    def _next_write(self) -> asyncio.Future[None]:
+        """The future of the write that will carry what was just queued."""
         if self._next is None:
             self._next = asyncio.get_running_loop().create_future()
         self._ensure_drainer()
@@ -169,13 +169,7 @@ class GroupCommit:
                 await call_db(self._write, Step(outcomes=[outcome]))
             except DatabaseError as exc:
                 await call_db(self._write, Step(outcomes=[unstorable(outcome, exc)]))
-        rest = Step(
-            claim=step.claim,
-            promote=step.promote,
-            reserve=step.reserve,
-            reserve_per_claim=step.reserve_per_claim,
-            give_back=step.give_back,
-        )
+        rest = dataclasses.replace(step, outcomes=[], started=[])
         return dataclasses.replace(await call_db(self._write, rest), refused=refused)
 
     def _ensure_drainer(self) -> None:
@@ -277,7 +271,7 @@ class DatabaseStore:
         while len(self._reserved) > max(keep, 0):
             surplus.append(self._reserved.pop().id)
         if surplus:
-            await self.release(surplus)
+            await self._writes.give_back(surplus)
 
     async def close(self) -> None:
         """Reserve nothing more and give the reservations back (cancelled if cancelling), in
@@ -303,14 +297,15 @@ class DatabaseStore:
 
     async def _settle(self, step: Step, result: Claim | None) -> None:
         started = {item.id for item in result.items} if result else set()
-        kept = [self._promoting.pop(item_id) for item_id in step.promote if item_id not in started]
-        for item_id in step.promote:
-            self._promoting.pop(item_id, None)
+        promoted = [self._promoting.pop(item_id) for item_id in step.promote]
+        kept = [item for item in promoted if item.id not in started]
         if result is None:
             self._reserved.extendleft(reversed(kept))
             return
         self._over_cap = result.over_cap
         self._handing_over = result.status in ("pending", "running")  # not once cancelling
+        # Below, reservations go back with `release` (a transaction of its own), not
+        # `give_back`: this runs inside the write loop, which would wait for itself.
         if result.refused:
             # The reservations were lost (leases expired while renewals failed): stop those
             # runs, and drop every other reservation too, which may be lost the same way.
