@@ -158,6 +158,10 @@ LOGGING = {
 }
 
 # --- batch engine -------------------------------------------------------------------------
+# The worker prepares its one hot statement (the step) on each connection. Off (0) behind a
+# transaction-mode pooler that cannot keep prepared statements (PgBouncer before 1.21, or
+# without max_prepared_statements).
+DATABASE_PREPARED_STATEMENTS = env_bool("DATABASE_PREPARED_STATEMENTS", True)
 BATCH_GLOBAL_MAX_PARALLEL = env_int("BATCH_GLOBAL_MAX_PARALLEL", 4, minimum=1)
 BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS = env_float("BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS", 30.0, minimum=0)
 BATCH_WORKER_CONCURRENCY = env_int("BATCH_WORKER_CONCURRENCY", 16, minimum=1)

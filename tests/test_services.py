@@ -262,3 +262,46 @@ def test_worker_id_in_use_by_a_live_worker_is_refused() -> None:
     services.unregister_worker(worker_id="w")
     services.register_worker(worker_id="w", hostname="h", pid=3, concurrency=4, lease_seconds=30)
     assert BatchWorker.objects.get(pk="w").pid == 3
+
+
+# --- the step statement on PostgreSQL -------------------------------------------------------
+
+
+def _prepared_steps() -> list[int]:
+    """Executions of each prepared step statement on this test's connection."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT generic_plans + custom_plans FROM pg_prepared_statements WHERE statement LIKE %s",
+            ["%FROM batch_job WHERE id = $2 FOR UPDATE%"],
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def _forget_prepared() -> None:
+    from django.db import connection
+
+    connection.ensure_connection()
+    with connection.connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")  # psycopg forgets its own record of them too
+
+
+@pytest.mark.postgres
+def test_step_is_prepared_once_per_connection(submit: Submit) -> None:
+    batch = submit("demo.sleep", [{"seconds": 0}] * 5, max_parallel=5)
+    _forget_prepared()
+    for _ in range(3):
+        claim(batch, limit=1)
+    assert _prepared_steps() == [3]
+
+
+@pytest.mark.postgres
+def test_step_is_not_prepared_when_prepared_statements_are_off(submit: Submit, settings: Any) -> None:
+    settings.DATABASE_PREPARED_STATEMENTS = False
+    batch = submit("demo.sleep", [{"seconds": 0}] * 5, max_parallel=5)
+    _forget_prepared()
+    for _ in range(3):
+        claim(batch, limit=1)
+    assert _prepared_steps() == []
+    assert len(claim(batch, limit=5)) == 1  # still works: the fourth item of the global cap of 4
