@@ -64,6 +64,7 @@ class BatchStore(Protocol):
     # Reservations (see `batch.store.DatabaseStore`); a store without them returns None / [].
     reserve_target: int  # for the items running here now
     reserve_depth: int  # for each item a claim starts
+    start_rate: float  # reserved items the running ones get through per second
 
     def take_reserved(self) -> ClaimedItem | None:
         """A reserved item to start in place of one that finished (a handover), or None."""
@@ -301,11 +302,13 @@ class BatchRunner:
         """Reserve for `running` slots as many items as they get through in the horizon."""
         if self._should_stop():
             self.store.reserve_target = self.store.reserve_depth = 0
+            self.store.start_rate = 0.0
             return
         mean = self._mean_duration
         depth = 1 if mean is None else max(1, min(MAX_DEPTH, math.ceil(HANDOVER_HORIZON / max(mean, 1e-6))))
         self.store.reserve_target = depth * min(max(running, 0), self.parallel)
         self.store.reserve_depth = depth
+        self.store.start_rate = 0.0 if mean is None else max(running, 0) / max(mean, 1e-6)
 
     def _successor(self) -> ClaimedItem | None:
         """The reserved item to start in the slot of one that just finished, if any may."""

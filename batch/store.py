@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -31,7 +32,10 @@ T = TypeVar("T")
 
 RETRY_FIRST_DELAY = 0.05
 RETRY_MAX_DELAY = 5.0
-MAX_RESERVED = 256  # reserved items one worker holds per batch at most
+# Reserved items one worker holds per batch at most: twice the most one write tops up, so
+# that items which finish at once have a full set to run while the next one is reserved.
+MAX_RESERVED = 512
+WRITE_TIME_WEIGHT = 0.2  # of the newest write in the moving average of write durations
 
 
 def _reset_connection() -> None:
@@ -228,6 +232,9 @@ class DatabaseStore:
         self.lease_seconds = lease_seconds
         self.reserve_target = 0
         self.reserve_depth = 0
+        self.start_rate = 0.0
+        self._write_seconds = 0.0  # moving average, from plan to settle
+        self._write_began = 0.0
         self._reserved: deque[ClaimedItem] = deque()
         self._promoting: dict[int, ClaimedItem] = {}
         self._over_cap = False
@@ -283,6 +290,7 @@ class DatabaseStore:
             await self._writes.give_back(ids)
 
     def _plan(self, step: Step) -> None:
+        self._write_began = time.monotonic()
         if self._closed:
             return
         while len(step.promote) < step.claim and self._reserved:  # a free slot takes a reserved item first
@@ -290,12 +298,17 @@ class DatabaseStore:
             self._promoting[item.id] = item
             step.promote.append(item.id)
         held = len(self._reserved) + len(self._promoting)
-        step.reserve = max(0, min(self.reserve_target, MAX_RESERVED) - held)
+        # Top up to the target what will still be held when this write returns: items that
+        # finish at once use up everything held meanwhile.
+        left = max(0, held - int(self.start_rate * self._write_seconds))
+        most = min(MAX_RESERVED // 2, MAX_RESERVED - held)  # one write's top-up
+        step.reserve = max(0, min(self.reserve_target - left, most))
         if step.claim:  # for the items the claim starts: none if the cap is full
-            room = MAX_RESERVED - held - step.reserve
-            step.reserve_per_claim = max(0, min(self.reserve_depth, room // step.claim))
+            step.reserve_per_claim = max(0, min(self.reserve_depth, (most - step.reserve) // step.claim))
 
     async def _settle(self, step: Step, result: Claim | None) -> None:
+        took = time.monotonic() - self._write_began
+        self._write_seconds += WRITE_TIME_WEIGHT * (took - self._write_seconds)
         started = {item.id for item in result.items} if result else set()
         promoted = [self._promoting.pop(item_id) for item_id in step.promote]
         kept = [item for item in promoted if item.id not in started]

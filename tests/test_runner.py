@@ -51,6 +51,7 @@ class MemoryStore:
 
     reserve_target = 0
     reserve_depth = 0
+    start_rate = 0.0
 
     def take_reserved(self) -> ClaimedItem | None:
         return None

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 
 import pytest
 from django.db import DataError, ProgrammingError
 
 from batch.models import ItemStatus
 from batch.services import Claim, ClaimedItem, Outcome, Step
-from batch.store import GroupCommit
+from batch.store import MAX_RESERVED, DatabaseStore, GroupCommit
 
 
 async def test_a_refused_outcome_fails_alone_and_the_claim_still_happens() -> None:
@@ -86,3 +87,50 @@ async def test_queued_outcomes_are_written_by_flush_and_a_lasting_failure_surfac
             await commit.flush()
     with pytest.raises(ProgrammingError):
         commit.enqueue([Outcome(14, ItemStatus.SUCCEEDED)])
+
+
+# --- how many a write reserves (DatabaseStore's plan; no database) ---------------------------
+
+
+def _store(*, held: int, target: int, depth: int = 0, rate: float, write_seconds: float) -> DatabaseStore:
+    store = DatabaseStore(batch_id=uuid.uuid4(), worker_id="w1", lease_seconds=30)
+    store._reserved.extend(ClaimedItem(id=i, index=i, params={}, attempt=1) for i in range(held))
+    store.reserve_target, store.reserve_depth, store.start_rate = target, depth, rate
+    store._write_seconds = write_seconds
+    return store
+
+
+def _planned(store: DatabaseStore, claim: int = 0) -> Step:
+    step = Step(claim=claim)
+    store._plan(step)
+    return step
+
+
+def test_slow_items_are_topped_up_to_the_target_only() -> None:
+    # 4 running items of 50 ms, writes of 5 ms: none of the 3 held will have started meanwhile.
+    store = _store(held=3, target=4, rate=4 / 0.05, write_seconds=0.005)
+    assert _planned(store).reserve == 1
+
+
+def test_instant_items_get_a_full_set_to_run_while_the_held_ones_are_used_up() -> None:
+    # They start 100,000 a second; in a 10 ms write all 200 held go.
+    store = _store(held=200, target=256, rate=100_000, write_seconds=0.01)
+    assert _planned(store).reserve == 256
+
+
+def test_a_worker_never_holds_more_than_the_most_reserved() -> None:
+    store = _store(held=MAX_RESERVED - 10, target=256, rate=100_000, write_seconds=0.01)
+    assert _planned(store).reserve == 10
+    store = _store(held=MAX_RESERVED, target=256, depth=64, rate=100_000, write_seconds=0.01)
+    step = _planned(store, claim=4)
+    assert (step.reserve, step.reserve_per_claim) == (0, 0)
+
+
+def test_a_claim_reserves_for_the_items_it_starts_within_one_writes_top_up() -> None:
+    # Nothing runs (every slot is free): no target, but each claimed item gets its depth.
+    store = _store(held=0, target=0, depth=64, rate=0.0, write_seconds=0.01)
+    step = _planned(store, claim=4)
+    assert (step.reserve, step.reserve_per_claim) == (0, 64)
+    store = _store(held=0, target=0, depth=64, rate=0.0, write_seconds=0.01)
+    step = _planned(store, claim=32)
+    assert step.reserve_per_claim * 32 <= MAX_RESERVED // 2
