@@ -5,4 +5,4 @@ database, measures from the outside (wall clock, /proc, pg_stat_activity) and re
 numbers; `bench.report` turns repetitions into medians and min-max, JSON and Markdown.
 """
 
-SCENARIOS = ["noop", "sleep", "cancel", "memory", "connections", "submit", "scale"]
+SCENARIOS = ["noop", "sleep", "cancel", "memory", "connections", "submit", "scale", "scale16"]

@@ -83,17 +83,17 @@ def _measure_batch(
     }, batch_id
 
 
-def _spec(cap: int) -> WorkerSpec:
+def _spec(cap: int, concurrency: int | None = None) -> WorkerSpec:
     """Cap 4 runs with the default worker concurrency (16); larger caps raise it to the cap."""
-    return WorkerSpec(concurrency=max(cap, 16), global_cap=cap)
+    return WorkerSpec(concurrency=concurrency or max(cap, 16), global_cap=cap)
 
 
-def _noop(items: int, cap: int, workers: int = 1) -> RunCase:
+def _noop(items: int, cap: int, workers: int = 1, concurrency: int | None = None) -> RunCase:
     def run(client: Client, repeat: int) -> list[Metrics]:
         results = []
         for _ in range(repeat):
             reset_tables()
-            with running_workers([_spec(cap)] * workers) as procs:
+            with running_workers([_spec(cap, concurrency)] * workers) as procs:
                 metrics, _ = _measure_batch(procs, handler="demo.noop", items=_noop_items(items), cap=cap)
             results.append(metrics)
         return results
@@ -245,6 +245,19 @@ def build(*, quick: bool, repeat: int | None) -> dict[str, list[Case]]:
         ],
         "scale": [
             Case("scale", f"{n} worker(s)", _noop(noop, 32, workers=n), reps(3), f"{noop} noop, cap 32, {n} workers")
+            for n in (1, 2, 3)
+        ],
+        # Each worker at the default concurrency (16): two workers fill the cap of 32 together.
+        # Above, one worker at 32 fills it alone and keeps it (every finished item hands its
+        # slot to a reserved one), so a second worker finds the cap full.
+        "scale16": [
+            Case(
+                "scale16",
+                f"{n} worker(s)",
+                _noop(noop, 32, workers=n, concurrency=16),
+                reps(3),
+                f"{noop} noop, cap 32, {n} workers at concurrency 16",
+            )
             for n in (1, 2, 3)
         ],
     }

@@ -274,7 +274,7 @@ def _prepared_steps() -> list[int]:
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT generic_plans + custom_plans FROM pg_prepared_statements WHERE statement LIKE %s",
-            ["%FROM batch_job WHERE id = $2 FOR UPDATE%"],
+            ["%UPDATE batch_job_item i SET%"],
         )
         return [row[0] for row in cursor.fetchall()]
 

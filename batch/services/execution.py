@@ -360,13 +360,18 @@ def _step_locked(batch_id: uuid.UUID, worker_id: str, lease_seconds: float, step
     return claim, done, was
 
 
-# PostgreSQL does the whole step in one statement (one round trip, no BEGIN/COMMIT): lock the
-# batch row, start the handed-over items, write the completions (lease-guarded), give back
-# unwanted reservations, claim within the cap the completions freed (own reserved items
-# first), reserve more, update the counters and finalize. `b` is locked before any item is
-# touched: the item CTEs join it and the claim's LIMIT reads it. A claimer that waited for
-# the lock reads the row as committed by the other (FOR UPDATE returns the latest version);
-# items the other claimed fail the re-checked `status`/`lease_owner` and are skipped. A row
+# PostgreSQL does the whole step in one statement (one round trip, no BEGIN/COMMIT): write the
+# completions and start the handed-over items (lease-guarded), then lock the batch row, give
+# back unwanted reservations, claim within the cap the completions freed (own reserved items
+# first), reserve more, update the counters and finalize. The completions and handovers touch
+# only this worker's own items and change the counters by deltas, so they are written before
+# the lock (`b` waits for `written`): another worker's step on the same batch writes its own
+# meanwhile, and the lock is held only for what needs the cap and the status. Whoever takes
+# the batch lock and then waits for item rows (lease recovery, cancel) skips locked rows or
+# waits only for rows that no step holds before the lock, so the order cannot deadlock. A
+# claimer that waited for the lock reads the row as committed by the other (FOR UPDATE
+# returns the latest version); items the other claimed fail the re-checked
+# `status`/`lease_owner` and are skipped. A row
 # is updated by one CTE only: `done` takes the handed-over items that also finished
 # (`v.handed`: pending before, so their start counts now), `started` the other handovers,
 # `given` the reservations given back (never handed over or promoted: the store keeps them
@@ -377,11 +382,7 @@ def _step_locked(batch_id: uuid.UUID, worker_id: str, lease_seconds: float, step
 # psycopg dumps a 250-element timestamp or text array in text form 8 to 15 times slower, and
 # that was a quarter of the worker's CPU on no-op items.
 _STEP_SQL = """
-WITH b AS (
-    SELECT id, status, LEAST(max_parallel, %(cap)b) AS cap, total_items, running_items,
-           succeeded_items, failed_items, cancelled_items
-    FROM batch_job WHERE id = %(batch)b FOR UPDATE
-), v AS (
+WITH v AS (
     SELECT * FROM unnest(%(ids)b::bigint[], %(statuses)b::text[], %(results)b::jsonb[], %(errors)b::text[],
                          %(finished)b::timestamptz[], %(handed)b::boolean[], %(started_at)b::timestamptz[])
         AS v (id, status, result, error, finished_at, handed, started_at)
@@ -392,18 +393,28 @@ WITH b AS (
         finished_at = v.finished_at, lease_owner = '', lease_expires_at = NULL,
         attempts = i.attempts + CASE WHEN v.handed THEN 1 ELSE 0 END,
         started_at = CASE WHEN v.handed THEN v.started_at ELSE i.started_at END
-    FROM v, b
+    FROM v
     WHERE i.id = ANY(%(ids)b::bigint[]) AND i.id = v.id
-      AND (i.batch_id = b.id AND i.lease_owner = %(worker)b
+      AND (i.batch_id = %(batch)b AND i.lease_owner = %(worker)b
            AND i.status = CASE WHEN v.handed THEN 'pending' ELSE 'running' END) IS TRUE
     RETURNING i.id, i.status, v.handed
 ), started AS (
     UPDATE batch_job_item i SET status = 'running', attempts = i.attempts + 1, started_at = h.started_at,
         lease_expires_at = %(lease)b
-    FROM h, b
+    FROM h
     WHERE i.id = ANY(%(starts)b::bigint[]) AND i.id = h.id
-      AND (i.batch_id = b.id AND i.status = 'pending' AND i.lease_owner = %(worker)b) IS TRUE
+      AND (i.batch_id = %(batch)b AND i.status = 'pending' AND i.lease_owner = %(worker)b) IS TRUE
     RETURNING i.id
+), written AS (
+    SELECT count(*) FILTER (WHERE NOT handed) AS n, (SELECT count(*) FROM started) AS s,
+           count(*) FILTER (WHERE status = 'succeeded') AS ok,
+           count(*) FILTER (WHERE status = 'failed') AS bad, count(*) FILTER (WHERE status = 'cancelled') AS gone
+    FROM done
+), b AS (
+    SELECT id, status, LEAST(max_parallel, %(cap)b) AS cap, total_items, running_items,
+           succeeded_items, failed_items, cancelled_items
+    FROM batch_job WHERE id = %(batch)b AND (SELECT n FROM written) IS NOT NULL  -- after `written`
+    FOR UPDATE
 ), given AS (
     UPDATE batch_job_item i SET status = CASE WHEN b.status = 'cancelling' THEN 'cancelled' ELSE 'pending' END,
         finished_at = CASE WHEN b.status = 'cancelling' THEN %(now)b::timestamptz END,
@@ -413,11 +424,7 @@ WITH b AS (
       AND (i.batch_id = b.id AND i.status = 'pending' AND i.lease_owner = %(worker)b) IS TRUE
     RETURNING i.status
 ), counts AS (
-    SELECT count(*) FILTER (WHERE NOT handed) AS n, (SELECT count(*) FROM started) AS s,
-           (SELECT count(*) FROM given WHERE status = 'cancelled') AS dropped,
-           count(*) FILTER (WHERE status = 'succeeded') AS ok,
-           count(*) FILTER (WHERE status = 'failed') AS bad, count(*) FILTER (WHERE status = 'cancelled') AS gone
-    FROM done
+    SELECT written.*, (SELECT count(*) FROM given WHERE status = 'cancelled') AS dropped FROM written
 ), want AS (
     SELECT GREATEST(0, LEAST(%(limit)b, b.cap - b.running_items + counts.n - counts.s)) AS n
     FROM b, counts WHERE b.status IN ('pending', 'running')

@@ -69,7 +69,10 @@ def _recover_batch_leases(batch_id: uuid.UUID, now: datetime) -> int:
     with transaction.atomic():
         batch = lock_batch(batch_id)
         expired = BatchJobItem.objects.filter(batch_id=batch_id, status=ItemStatus.RUNNING, lease_expires_at__lt=now)
-        taken = list(expired.select_for_update().values_list("pk", flat=True))
+        # Rows a worker's step is writing right now are skipped (its worker is alive; the step
+        # holds them while it waits for this batch lock, so waiting for them would deadlock).
+        taken = list(expired.select_for_update(skip_locked=True).values_list("pk", flat=True))
+        expired = expired.filter(pk__in=taken)
         cleared = {"lease_owner": "", "lease_expires_at": None}
         if batch.status == BatchStatus.CANCELLING:
             count = expired.update(
@@ -98,9 +101,10 @@ def _recover_batch_leases(batch_id: uuid.UUID, now: datetime) -> int:
 def _recover_reservations(batch: BatchJob, now: datetime, taken: list[int]) -> int:
     """Clear the expired reservations of the locked batch (its worker stopped renewing them)."""
     expired = BatchJobItem.objects.filter(batch_id=batch.id, status=ItemStatus.PENDING, lease_expires_at__lt=now)
-    ids = list(expired.select_for_update().values_list("pk", flat=True))
+    ids = list(expired.select_for_update(skip_locked=True).values_list("pk", flat=True))
     if not ids:
         return 0
+    expired = expired.filter(pk__in=ids)
     taken += ids
     cleared = {"lease_owner": "", "lease_expires_at": None}
     if batch.status == BatchStatus.CANCELLING:
