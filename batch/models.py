@@ -47,6 +47,13 @@ class BatchJob(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    # When a worker's claim finds the cap taken by others: the most items any other worker
+    # should run (the cap divided among the workers running items and the refused one), until
+    # `worker_share_until`. Without it, a worker keeps every slot it holds busy through
+    # handovers and the first to claim keeps the whole cap.
+    worker_share = models.PositiveIntegerField(null=True, blank=True)
+    worker_share_until = models.DateTimeField(null=True, blank=True)
+    worker_share_for = models.CharField(max_length=200, blank=True, default="")  # the refused worker
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,

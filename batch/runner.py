@@ -65,6 +65,7 @@ class BatchStore(Protocol):
     reserve_target: int  # for the items running here now
     reserve_depth: int  # for each item a claim starts
     start_rate: float  # reserved items the running ones get through per second
+    share: int | None  # while other workers wait for the cap: run at most this many here
 
     def take_reserved(self) -> ClaimedItem | None:
         """A reserved item to start in place of one that finished (a handover), or None."""
@@ -178,6 +179,7 @@ class BatchRunner:
         self.cancel_event = asyncio.Event()
         self.stats = RunnerStats()
         self._limiter = Limiter(parallel)
+        self._wanted_parallel = parallel  # the limiter's capacity unless a worker share is lower
         self._worker_slots = worker_slots
         self._stop_claiming = asyncio.Event()
         self._wakeup = asyncio.Event()
@@ -207,8 +209,16 @@ class BatchRunner:
         return [*self._running, *self.store.reserved_item_ids()]
 
     def resize(self, parallel: int) -> None:
-        if parallel != self._limiter.capacity:
-            self._limiter.resize(parallel)
+        self._wanted_parallel = parallel
+        self._apply_share()
+
+    def _apply_share(self) -> None:
+        """Run at most the batch's worker share here while other workers wait for its cap
+        (`Claim.share`): the slots above it are not handed over again, so they free up."""
+        share = self.store.share
+        capacity = self._wanted_parallel if share is None else max(1, min(self._wanted_parallel, share))
+        if capacity != self._limiter.capacity:
+            self._limiter.resize(capacity)
             self._wakeup.set()
 
     def wake(self) -> None:
@@ -269,6 +279,7 @@ class BatchRunner:
         async with asyncio.TaskGroup() as group:
             self._group = group
             while not self._should_stop():
+                self._apply_share()
                 slots = await self._acquire_slots()
                 if slots == 0:
                     break
@@ -312,6 +323,7 @@ class BatchRunner:
 
     def _successor(self) -> ClaimedItem | None:
         """The reserved item to start in the slot of one that just finished, if any may."""
+        self._apply_share()
         if self._should_stop() or self._limiter.in_debt:
             return None
         slots = self._worker_slots

@@ -233,6 +233,7 @@ class DatabaseStore:
         self.reserve_target = 0
         self.reserve_depth = 0
         self.start_rate = 0.0
+        self.share: int | None = None  # from the last write: see `Claim.share`
         self._write_seconds = 0.0  # moving average, from plan to settle
         self._write_began = 0.0
         self._reserved: deque[ClaimedItem] = deque()
@@ -308,6 +309,8 @@ class DatabaseStore:
 
     async def _settle(self, step: Step, result: Claim | None) -> None:
         took = time.monotonic() - self._write_began
+        if self._write_seconds:  # a write that sat out retries says little about the next ones
+            took = min(took, 2 * self._write_seconds + 0.01)
         self._write_seconds += WRITE_TIME_WEIGHT * (took - self._write_seconds)
         started = {item.id for item in result.items} if result else set()
         promoted = [self._promoting.pop(item_id) for item_id in step.promote]
@@ -315,7 +318,7 @@ class DatabaseStore:
         if result is None:
             self._reserved.extendleft(reversed(kept))
             return
-        self._over_cap = result.over_cap
+        self._over_cap, self.share = result.over_cap, result.share
         self._handing_over = result.status in ("pending", "running")  # not once cancelling
         # Below, reservations go back with `release` (a transaction of its own), not
         # `give_back`: this runs inside the write loop, which would wait for itself.

@@ -209,3 +209,41 @@ async def _status(batch_id: uuid.UUID, status: str) -> bool:
 
 async def _status_is(batch_id: uuid.UUID, index: int, *statuses: str) -> bool:
     return (await BatchJobItem.objects.aget(batch_id=batch_id, index=index)).status in statuses
+
+
+async def test_a_second_worker_gets_a_share_of_a_cap_the_first_one_holds() -> None:
+    """wA runs all 4 slots and keeps them through handovers; wB's claim finds the cap taken.
+    The cap is then shared: wA stops replacing items above its share, wB runs the rest, and
+    the two never run more than the cap together."""
+    batch = await submit(handler="demo.noop", items=[{"i": i} for i in range(100)], max_parallel=4)
+    ran: collections.Counter[str] = collections.Counter()
+    now_running = {"n": 0, "peak": 0}
+
+    def handler_of(name: str) -> Any:
+        async def handler(params: dict[str, Any], ctx: ItemContext) -> None:
+            ran[name] += 1
+            now_running["n"] += 1
+            now_running["peak"] = max(now_running["peak"], now_running["n"])
+            try:
+                await asyncio.sleep(0.01)
+            finally:
+                now_running["n"] -= 1
+
+        return handler
+
+    a = runner(batch, handler_of("A"), worker="wA", parallel=4)
+    b = runner(batch, handler_of("B"), worker="wB", parallel=4)
+    async with asyncio.timeout(TIMEOUT), asyncio.TaskGroup() as group:
+        group.create_task(a.run())
+        await until(lambda: _async_true(len(a.running_item_ids) == 4))
+        group.create_task(b.run())
+        await until(lambda: _async_true(a.store.share == 2))  # wB refused: 4 slots over 2 workers
+    assert ran["A"] + ran["B"] == 100
+    assert ran["B"] >= 10, ran
+    assert now_running["peak"] <= 4
+    final = await BatchJob.objects.aget(pk=batch.pk)
+    assert (final.status, final.succeeded_items, final.running_items) == (BatchStatus.SUCCEEDED, 100, 0)
+
+
+async def _async_true(value: bool) -> bool:
+    return value

@@ -239,3 +239,40 @@ def test_a_claim_that_finds_the_cap_full_reserves_nothing_per_claim(submit: Subm
         batch_id=batch.id, worker_id="w2", outcomes=[], claim_limit=2, lease_seconds=30, reserve_per_claim=3
     )
     assert (second.items, second.reserved) == ([], []), "no slot: nothing to hand over, nothing held"
+
+
+# --- worker share: a worker whose claim finds the cap taken ----------------------------------
+
+
+def test_a_claim_that_finds_the_cap_taken_divides_it_among_the_workers(submit: Submit) -> None:
+    batch = submit("demo.noop", [{}] * 20, max_parallel=4)
+    first = step(batch, worker="A", claim=4, reserve=4)
+    assert len(first.items) == 4 and first.share is None  # alone: no share
+    refused = step(batch, worker="B", claim=4)
+    assert refused.items == [] and refused.share is None  # the refused one may take any room
+    # A hears it with its next step and stops handing over above 2; its completions free room.
+    handing = step(batch, worker="A", done=[first.items[0].id], handed=[first.reserved[0].id])
+    assert handing.share == 2  # 4 slots over A and B
+    step(batch, worker="A", done=[first.items[1].id, first.items[2].id])
+    taken = step(batch, worker="B", claim=4)
+    assert len(taken.items) == 2
+    assert BatchJob.objects.get(pk=batch.id).running_items == 4
+
+
+def test_the_share_counts_every_worker_running_items_and_lapses(submit: Submit) -> None:
+    batch = submit("demo.noop", [{}] * 20, max_parallel=4)
+    step(batch, worker="A", claim=2)
+    step(batch, worker="B", claim=2)
+    assert step(batch, worker="C", claim=1).items == []
+    assert step(batch, worker="A").share == step(batch, worker="B").share == 2  # ceil(4 / 3 workers)
+    BatchJob.objects.filter(pk=batch.id).update(worker_share_until=timezone.now() - timedelta(seconds=1))
+    assert step(batch, worker="A").share is None, "nobody has been refused lately: no share"
+
+
+def test_a_claim_that_gets_items_or_finds_nothing_pending_sets_no_share(submit: Submit) -> None:
+    batch = submit("demo.noop", [{}] * 4, max_parallel=4)
+    step(batch, worker="A", claim=2)
+    step(batch, worker="B", claim=4)  # got the other 2
+    step(batch, worker="C", claim=1)  # cap taken, but nothing waits
+    assert step(batch, worker="A").share is None
+    assert step(batch, worker="B").share is None

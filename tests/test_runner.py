@@ -52,6 +52,7 @@ class MemoryStore:
     reserve_target = 0
     reserve_depth = 0
     start_rate = 0.0
+    share: int | None = None
 
     def take_reserved(self) -> ClaimedItem | None:
         return None
@@ -538,3 +539,51 @@ async def test_a_crashed_run_gives_its_reservations_back() -> None:
     with pytest.raises(ExceptionGroup):
         await asyncio.wait_for(runner_for(store, quick, 2).run(), TIMEOUT)
     assert store.closed
+
+
+async def test_a_worker_share_frees_the_slots_above_it_and_handovers_resume_at_it() -> None:
+    """Another worker waits for the cap (the store reports a share of 2): of 4 running items,
+    the first two to finish are not replaced; after that every finished item is again."""
+    gates = {i: asyncio.Event() for i in range(40)}
+    running: set[int] = set()
+    peak_after_share = 0
+
+    async def held(params: dict[str, Any], ctx: ItemContext) -> None:
+        nonlocal peak_after_share
+        running.add(params["i"])
+        if store.share is not None:
+            peak_after_share = max(peak_after_share, len(running))
+        await gates[params["i"]].wait()
+        running.discard(params["i"])
+
+    store = ReservingStore(40)
+    store.share = None
+    runner = runner_for(store, held, 4)
+    task = asyncio.create_task(runner.run())
+    async with asyncio.timeout(TIMEOUT):
+        while len(running) < 4:
+            await asyncio.sleep(0)
+        store.share = 2
+        for i in sorted(running)[:2]:  # two finish: their slots go, nothing replaces them
+            gates[i].set()
+            while i in running:
+                await asyncio.sleep(0)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(running) == 2 and runner.parallel == 2
+        handed_before = sum(1 for kind, _ in store.events if kind == "handover")
+        first = min(running)
+        gates[first].set()  # at the share now: this one is replaced by a reserved item
+        while first in running:
+            await asyncio.sleep(0)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(running) == 2
+        assert sum(1 for kind, _ in store.events if kind == "handover") == handed_before + 1
+        store.share = None  # the other worker got its slots: back to the full cap
+        for gate in gates.values():
+            gate.set()
+        await task
+    assert peak_after_share <= 2
+    assert runner.parallel == 4
+    assert store.count(ItemStatus.SUCCEEDED) == 40

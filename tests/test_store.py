@@ -134,3 +134,32 @@ def test_a_claim_reserves_for_the_items_it_starts_within_one_writes_top_up() -> 
     store = _store(held=0, target=0, depth=64, rate=0.0, write_seconds=0.01)
     step = _planned(store, claim=32)
     assert step.reserve_per_claim * 32 <= MAX_RESERVED // 2
+
+
+async def test_one_slow_write_does_not_inflate_the_reservations_of_slow_items() -> None:
+    """A write that waited out a database outage (retries) must not make the worker reserve
+    for seconds of work afterwards (found in review: 16 slots of 100 ms items held 71)."""
+    store = _store(held=0, target=16, depth=1, rate=16 / 0.1, write_seconds=0.0)
+    next_id, consumed, peak = 0, 0.0, 0
+
+    async def write(seconds: float) -> None:
+        nonlocal next_id, consumed
+        step = Step()
+        store._plan(step)
+        store._write_began -= seconds
+        new = [ClaimedItem(id=next_id + k, index=0, params={}, attempt=1) for k in range(step.reserve)]
+        next_id += step.reserve
+        await store._settle(step, Claim(items=[], pending=10_000, status="running", reserved=new))
+        consumed += store.start_rate * seconds  # handovers while it was in flight
+        while consumed >= 1 and store._reserved:
+            store._reserved.popleft()
+            consumed -= 1
+        consumed = min(consumed, 1.0)
+
+    for _ in range(20):
+        await write(0.01)
+    await write(5.0)
+    for _ in range(60):
+        await write(0.01)
+        peak = max(peak, len(store._reserved))
+    assert peak <= 2 * 16

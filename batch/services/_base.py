@@ -99,6 +99,10 @@ class Claim:
     reserved: list[ClaimedItem] = field(default_factory=list)
     refused: list[int] = field(default_factory=list)  # handovers the database did not accept
     over_cap: bool = False  # more items run than the cap allows (it was lowered): hand nothing over
+    # Another worker's claim found the cap taken lately: run at most this many of the batch's
+    # items here (None: no limit but the cap). Never set for the refused worker itself, which
+    # may take whatever room frees up. See `BatchJob.worker_share`.
+    share: int | None = None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
@@ -42,6 +43,9 @@ from batch.services._base import (
 logger = logging.getLogger(__name__)
 
 
+# A worker whose claim finds the cap taken sets the batch's worker share for this long; its
+# next refused claims (it retries on every wake-up and poll) extend it.
+SHARE_SECONDS = 2.0
 NEVER_AUTOMATICALLY = 2**31  # psycopg's prepare_threshold: executions before it prepares unasked
 COMPLETE_CHUNK_SIZE = 500  # rows per UPDATE … FROM (VALUES …): 5 parameters each
 
@@ -52,6 +56,14 @@ def _db_uuid(value: uuid.UUID) -> Any:
 
 def _db_time(value: datetime) -> Any:
     return connection.ops.adapt_datetimefield_value(value)
+
+
+def _from_db_time(value: Any) -> datetime | None:
+    """A timestamp read by a raw cursor: aware already on PostgreSQL, naive UTC on SQLite."""
+    if value is None or (isinstance(value, datetime) and value.tzinfo is not None):
+        return value
+    converted: datetime = connection.ops.convert_datetimefield_value(value, None, connection)  # type: ignore[attr-defined]
+    return converted
 
 
 @contextlib.contextmanager
@@ -82,13 +94,13 @@ def _lock_counters(batch_id: uuid.UUID) -> BatchJob | None:
     with _hot_cursor() as cursor:
         cursor.execute(
             "SELECT status, max_parallel, total_items, running_items, succeeded_items, failed_items,"
-            f" cancelled_items FROM batch_job WHERE id = %s{lock}",
+            f" cancelled_items, worker_share, worker_share_until, worker_share_for FROM batch_job WHERE id = %s{lock}",
             [_db_uuid(batch_id)],
         )
         row = cursor.fetchone()
     if row is None:
         return None
-    status, max_parallel, total, running, succeeded, failed, cancelled = row
+    status, max_parallel, total, running, succeeded, failed, cancelled, share, share_until, share_for = row
     return BatchJob(
         id=batch_id,
         status=status,
@@ -98,6 +110,25 @@ def _lock_counters(batch_id: uuid.UUID) -> BatchJob | None:
         succeeded_items=succeeded,
         failed_items=failed,
         cancelled_items=cancelled,
+        worker_share=share,
+        worker_share_until=_from_db_time(share_until),
+        worker_share_for=share_for,
+    )
+
+
+def _share_refused_cap(batch: BatchJob, *, worker_id: str, now: datetime) -> None:
+    """A claim of `worker_id` found the locked batch's cap taken while items wait: divide the
+    cap among the workers running its items and this one (`BatchJob.worker_share`)."""
+    owners = set(
+        BatchJobItem.objects.filter(batch_id=batch.id, status=ItemStatus.RUNNING).values_list("lease_owner", flat=True)
+    )
+    batch.worker_share = math.ceil(batch.effective_parallel / len(owners | {worker_id}))
+    batch.worker_share_until = now + timedelta(seconds=SHARE_SECONDS)
+    batch.worker_share_for = worker_id
+    BatchJob.objects.filter(pk=batch.id).update(
+        worker_share=batch.worker_share,
+        worker_share_until=batch.worker_share_until,
+        worker_share_for=worker_id,
     )
 
 
@@ -327,6 +358,13 @@ def run_step(*, batch_id: uuid.UUID, worker_id: str, lease_seconds: float, step:
     return claim
 
 
+def _share_for_others(batch: BatchJob, *, worker_id: str, now: datetime) -> int | None:
+    """The worker share that applies to `worker_id`: another worker was refused lately."""
+    if batch.worker_share_until is None or batch.worker_share_until <= now or batch.worker_share_for == worker_id:
+        return None
+    return batch.worker_share
+
+
 def _step_locked(batch_id: uuid.UUID, worker_id: str, lease_seconds: float, step: Step) -> tuple[Claim, list[int], str]:
     """The step as a few statements after locking the batch row (SQLite; the reference)."""
     with transaction.atomic():
@@ -342,6 +380,14 @@ def _step_locked(batch_id: uuid.UUID, worker_id: str, lease_seconds: float, step
         given = _give_back_locked(batch, worker_id=worker_id, item_ids=step.give_back, now=now)
         finalize_if_done(batch, now)
         items = _claim_locked(batch, worker_id=worker_id, limit=step.claim, promote=step.promote, lease=lease, now=now)
+        if (
+            step.claim
+            and not items
+            and batch.status in (BatchStatus.PENDING, BatchStatus.RUNNING)
+            and batch.running_items >= batch.effective_parallel
+            and batch.pending_items
+        ):
+            _share_refused_cap(batch, worker_id=worker_id, now=now)
         limit = step.reserve + step.reserve_per_claim * len(items)
         reserved = _reserve_locked(batch, worker_id=worker_id, limit=limit, lease=lease)
         if (items or accepted) and batch.status == BatchStatus.PENDING:
@@ -356,6 +402,7 @@ def _step_locked(batch_id: uuid.UUID, worker_id: str, lease_seconds: float, step
         reserved=reserved,
         refused=refused,
         over_cap=batch.running_items > batch.effective_parallel,
+        share=_share_for_others(batch, worker_id=worker_id, now=now),
     )
     return claim, done, was
 
@@ -432,6 +479,17 @@ WITH v AS (
     SELECT coalesce(max(n), 0) AS n,
            CASE WHEN count(*) > 0 THEN %(reserve)b + %(per_claim)b * coalesce(max(n), 0) ELSE 0 END AS reserve
     FROM want
+), refusal AS (
+    -- The claim found the cap taken while items wait: divide the cap among the workers
+    -- running the batch's items and this one. Rare (a refused worker retries on a wake-up or
+    -- a poll), so the count may scan every leased item.
+    SELECT CEIL(b.cap::numeric / (SELECT count(*) FROM (
+               SELECT lease_owner FROM batch_job_item
+               WHERE lease_expires_at IS NOT NULL AND (batch_id = %(batch)b AND status = 'running') IS TRUE
+               UNION SELECT %(worker)b) w))::int AS share
+    FROM b, room
+    WHERE %(limit)b > 0 AND room.n = 0 AND b.status IN ('pending', 'running')
+      AND b.total_items > b.running_items + b.succeeded_items + b.failed_items + b.cancelled_items
 ), prom AS (
     SELECT id FROM batch_job_item
     WHERE id = ANY(%(promote)b::bigint[])
@@ -471,12 +529,19 @@ WITH v AS (
         failed_items = x.failed, cancelled_items = x.cancelled, updated_at = %(now)b,
         started_at = CASE WHEN x.was = 'pending' AND x.status <> 'pending' THEN %(now)b ELSE j.started_at END,
         finished_at = CASE WHEN x.status <> x.was AND x.status IN ('succeeded', 'failed', 'cancelled')
-                      THEN %(now)b ELSE j.finished_at END
+                      THEN %(now)b ELSE j.finished_at END,
+        worker_share = coalesce((SELECT share FROM refusal), j.worker_share),
+        worker_share_until = CASE WHEN EXISTS (SELECT 1 FROM refusal) THEN %(share_until)b
+                             ELSE j.worker_share_until END,
+        worker_share_for = CASE WHEN EXISTS (SELECT 1 FROM refusal) THEN %(worker)b ELSE j.worker_share_for END
     FROM x WHERE j.id = x.id
     RETURNING x.status, x.was, x.total - x.running - x.succeeded - x.failed - x.cancelled AS pending, x.total,
-              x.running > x.cap AS over_cap
+              x.running > x.cap AS over_cap,
+              CASE WHEN j.worker_share_until > %(now)b AND j.worker_share_for <> %(worker)b
+                   THEN j.worker_share END AS share,
+              x.running < (SELECT running_items FROM b) AS freed
 ), summary AS (
-    SELECT upd.status, upd.was, upd.pending, upd.total, upd.over_cap,
+    SELECT upd.status, upd.was, upd.pending, upd.total, upd.over_cap, upd.share,
            (SELECT coalesce(array_agg(id), '{}') FROM done) AS done_ids,
            (SELECT coalesce(array_agg(id), '{}') FROM (
                 SELECT id FROM done WHERE handed UNION ALL SELECT id FROM started
@@ -484,7 +549,10 @@ WITH v AS (
                 UNION ALL SELECT id FROM batch_job_item WHERE id = ANY(%(starts)b::bigint[])
                     AND (status = 'running' AND lease_owner = %(worker)b) IS TRUE) a) AS accepted,
            CASE WHEN upd.status <> upd.was AND upd.status IN ('succeeded', 'failed', 'cancelled')
-                THEN pg_notify(%(channel)b, 'finished:' || %(batch)b::text) END AS notified
+                THEN pg_notify(%(channel)b, 'finished:' || %(batch)b::text)
+                -- slots freed while workers share the cap: wake the waiting one
+                WHEN upd.share IS NOT NULL AND upd.freed AND upd.status = 'running'
+                THEN pg_notify(%(channel)b, 'room:' || %(batch)b::text) END AS notified
     FROM upd
 )
 -- The summary (with its id arrays) once, in the first row; one row per claimed/reserved item.
@@ -492,7 +560,7 @@ SELECT s.*, c.id, c."index", c.params, c.attempts, c.run
 FROM summary s LEFT JOIN claimed c ON true
 WHERE c.id IS NULL OR c.id = (SELECT min(id) FROM claimed)
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, c.id, c."index", c.params, c.attempts, c.run
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, c.id, c."index", c.params, c.attempts, c.run
 FROM claimed c WHERE c.id > (SELECT min(id) FROM claimed)
 """
 
@@ -526,6 +594,7 @@ def _step_postgres(
         "starts": list(starts),
         "starts_at": list(starts.values()),
         "give_back": step.give_back,
+        "share_until": now + timedelta(seconds=SHARE_SECONDS),
     }
     with _hot_cursor() as cursor:
         # Prepared once per connection: parsing and planning were a third of its server time.
@@ -533,10 +602,10 @@ def _step_postgres(
         rows = cursor.fetchall()
     if not rows:
         return Claim(items=[], pending=0, status=BatchStatus.CANCELLED, refused=list(handed)), [], BatchStatus.CANCELLED
-    status, was, pending, total, over_cap, done, accepted, *_ = next(r for r in rows if r[0] is not None)
+    status, was, pending, total, over_cap, share, done, accepted, *_ = next(r for r in rows if r[0] is not None)
     if status != was and status in TERMINAL_BATCH_STATUSES:
         logger.info("batch finished", extra={"batch_id": str(batch_id), "status": status, "total": total})
-    picked = sorted((r[8:] for r in rows if r[8] is not None), key=lambda row: row[1])
+    picked = sorted((r[9:] for r in rows if r[9] is not None), key=lambda row: row[1])
     claim = Claim(
         items=_claimed_items([row[:4] for row in picked if row[4]]),
         pending=pending,
@@ -544,6 +613,7 @@ def _step_postgres(
         reserved=_claimed_items([(i, x, p, a + 1) for i, x, p, a, run in picked if not run]),
         refused=sorted(set(handed) - set(accepted)),
         over_cap=over_cap,
+        share=share,
     )
     return claim, list(done), was
 
