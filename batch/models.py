@@ -53,7 +53,9 @@ class BatchJob(models.Model):
     # handovers and the first to claim keeps the whole cap.
     worker_share = models.PositiveIntegerField(null=True, blank=True)
     worker_share_until = models.DateTimeField(null=True, blank=True)
-    worker_share_for = models.CharField(max_length=200, blank=True, default="")  # the refused worker
+    # The refused worker. A database default too: code of the previous release (a rolling
+    # deploy) inserts batches without it.
+    worker_share_for = models.CharField(max_length=200, blank=True, default="", db_default="")
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
@@ -122,7 +121,7 @@ def _share_refused_cap(batch: BatchJob, *, worker_id: str, now: datetime) -> Non
     owners = set(
         BatchJobItem.objects.filter(batch_id=batch.id, status=ItemStatus.RUNNING).values_list("lease_owner", flat=True)
     )
-    batch.worker_share = math.ceil(batch.effective_parallel / len(owners | {worker_id}))
+    batch.worker_share = max(1, batch.effective_parallel // len(owners | {worker_id}))
     batch.worker_share_until = now + timedelta(seconds=SHARE_SECONDS)
     batch.worker_share_for = worker_id
     BatchJob.objects.filter(pk=batch.id).update(
@@ -481,9 +480,10 @@ WITH v AS (
     FROM want
 ), refusal AS (
     -- The claim found the cap taken while items wait: divide the cap among the workers
-    -- running the batch's items and this one. Rare (a refused worker retries on a wake-up or
-    -- a poll), so the count may scan every leased item.
-    SELECT CEIL(b.cap::numeric / (SELECT count(*) FROM (
+    -- running the batch's items and this one, rounding down so that the others at their
+    -- share leave room for it. Rare (a refused worker retries on a wake-up or a poll), so
+    -- the count may scan every leased item.
+    SELECT GREATEST(1, b.cap / (SELECT count(*) FROM (
                SELECT lease_owner FROM batch_job_item
                WHERE lease_expires_at IS NOT NULL AND (batch_id = %(batch)b AND status = 'running') IS TRUE
                UNION SELECT %(worker)b) w))::int AS share
