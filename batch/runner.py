@@ -212,6 +212,11 @@ class BatchRunner:
         self._wanted_parallel = parallel
         self._apply_share()
 
+    def observe_share(self, share: int | None) -> None:
+        """The batch's worker share for this worker as just read from the database."""
+        self.store.share = share
+        self._apply_share()
+
     def _apply_share(self) -> None:
         """Run at most the batch's worker share here while other workers wait for its cap
         (`Claim.share`): the slots above it are not handed over again, so they free up."""

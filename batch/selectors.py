@@ -22,6 +22,15 @@ class BatchState:
     status: str
     max_parallel: int
     cancel_deadline: datetime | None
+    worker_share: int | None = None
+    worker_share_until: datetime | None = None
+    worker_share_for: str = ""
+
+    def share_for(self, worker_id: str, now: datetime) -> int | None:
+        """The worker share that applies to `worker_id` now (`BatchJob.worker_share`)."""
+        if self.worker_share_until is None or self.worker_share_until <= now or self.worker_share_for == worker_id:
+            return None
+        return self.worker_share
 
     @property
     def effective_parallel(self) -> int:
@@ -43,12 +52,19 @@ def runnable_batches(
 
 def batch_states(batch_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, BatchState]:
     rows = BatchJob.objects.filter(pk__in=list(batch_ids)).values_list(
-        "id", "status", "max_parallel", "cancel_requested_at"
+        "id", "status", "max_parallel", "cancel_requested_at", "worker_share", "worker_share_until", "worker_share_for"
     )
     drain = timedelta(seconds=settings.BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS)
     return {
-        pk: BatchState(status=status, max_parallel=mp, cancel_deadline=at + drain if at else None)
-        for pk, status, mp, at in rows
+        pk: BatchState(
+            status=status,
+            max_parallel=mp,
+            cancel_deadline=at + drain if at else None,
+            worker_share=share,
+            worker_share_until=until,
+            worker_share_for=share_for,
+        )
+        for pk, status, mp, at, share, until, share_for in rows
     }
 
 

@@ -290,6 +290,9 @@ class Worker:
                 continue
             if state.cancel_deadline is not None and now >= state.cancel_deadline:
                 runner.force_cancel()
+            # Steps bring the worker share too, but a worker at its share whose items run long
+            # makes none: this poll lifts a lapsed share and keeps a renewed one in force.
+            runner.observe_share(state.share_for(self.config.worker_id, now))
             runner.resize(state.effective_parallel)
 
     async def _heartbeat_loop(self) -> None:

@@ -13,7 +13,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.utils import timezone
 
-from batch import services
+from batch import selectors, services
 from batch.handlers import HandlerSpec, ItemContext
 from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
 from batch.runner import BatchRunner, Limiter
@@ -247,3 +247,47 @@ async def test_a_second_worker_gets_a_share_of_a_cap_the_first_one_holds() -> No
 
 async def _async_true(value: bool) -> bool:
     return value
+
+
+async def test_the_watch_loop_lifts_a_lapsed_share_of_a_worker_whose_items_run_long() -> None:
+    """Found in review: wA at its share of 2 makes no step while its items run, so only the
+    worker's poll of the batch (`batch_states`) can tell it that the share lapsed."""
+    batch = await submit(handler="demo.noop", items=[{"i": i} for i in range(20)], max_parallel=4)
+    gates = {i: asyncio.Event() for i in range(20)}
+    running: set[int] = set()
+
+    async def held(params: dict[str, Any], ctx: ItemContext) -> None:
+        running.add(params["i"])
+        try:
+            await gates[params["i"]].wait()
+        finally:
+            running.discard(params["i"])
+
+    async def watch_poll() -> None:  # what Worker._apply_batch_states does for this runner
+        state = (await sync_to_async(selectors.batch_states)([batch.id]))[batch.id]
+        a.observe_share(state.share_for("wA", timezone.now()))
+        a.resize(state.effective_parallel)
+
+    a = runner(batch, held, worker="wA", parallel=4)
+    async with asyncio.timeout(TIMEOUT):
+        task = asyncio.create_task(a.run())
+        await until(lambda: _async_true(len(running) == 4))
+        refused = await step(batch_id=batch.id, worker_id="wB", outcomes=(), claim_limit=4, lease_seconds=30)
+        assert refused.items == []
+        await watch_poll()  # heard before any of its items ended
+        assert a.parallel == 2
+        for i in sorted(running)[:2]:  # above the share: not replaced
+            gates[i].set()
+            await until(lambda i=i: _async_true(i not in running))
+        await until(lambda: _async_true(len(running) == 2))
+        await sync_to_async(BatchJob.objects.filter(pk=batch.id).update)(
+            worker_share_until=timezone.now() - timedelta(seconds=1)  # wB left; 2 s passed
+        )
+        await watch_poll()
+        assert a.parallel == 4
+        await until(lambda: _async_true(len(running) == 4))  # it claims the room back
+        for gate in gates.values():
+            gate.set()
+        await task
+    final = await BatchJob.objects.aget(pk=batch.pk)
+    assert (final.status, final.succeeded_items, final.running_items) == (BatchStatus.SUCCEEDED, 20, 0)

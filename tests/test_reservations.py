@@ -277,3 +277,11 @@ def test_a_claim_that_gets_items_or_finds_nothing_pending_sets_no_share(submit: 
     step(batch, worker="C", claim=1)  # cap taken, but nothing waits
     assert step(batch, worker="A").share is None
     assert step(batch, worker="B").share is None
+
+
+def test_handing_over_the_last_pending_item_with_a_claim_sets_no_share(submit: Submit) -> None:
+    """Found in review: PostgreSQL judged "items wait" before the step's own handovers."""
+    batch = submit("demo.noop", [{}] * 3, max_parallel=2)
+    first = step(batch, worker="A", claim=2, reserve=1)  # runs 0 and 1, reserves 2 (the last)
+    step(batch, worker="A", done=[first.items[0].id], handed=[first.reserved[0].id], claim=1)
+    assert BatchJob.objects.get(pk=batch.id).worker_share_until is None, "nothing waits: nobody was refused"

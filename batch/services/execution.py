@@ -487,9 +487,11 @@ WITH v AS (
                SELECT lease_owner FROM batch_job_item
                WHERE lease_expires_at IS NOT NULL AND (batch_id = %(batch)b AND status = 'running') IS TRUE
                UNION SELECT %(worker)b) w))::int AS share
-    FROM b, room
+    FROM b, room, counts
     WHERE %(limit)b > 0 AND room.n = 0 AND b.status IN ('pending', 'running')
-      AND b.total_items > b.running_items + b.succeeded_items + b.failed_items + b.cancelled_items
+      -- items still pending after this step's handovers (started, or started and finished)
+      AND b.total_items - b.running_items - b.succeeded_items - b.failed_items - b.cancelled_items
+          - counts.s - (counts.ok + counts.bad + counts.gone - counts.n) - counts.dropped > 0
 ), prom AS (
     SELECT id FROM batch_job_item
     WHERE id = ANY(%(promote)b::bigint[])
