@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 from django.conf import settings
 from django.db import models
@@ -28,6 +29,16 @@ class ItemStatus(models.TextChoices):
     SUCCEEDED = "succeeded", "Succeeded"
     FAILED = "failed", "Failed"
     CANCELLED = "cancelled", "Cancelled"
+
+
+def applicable_worker_share(
+    share: int | None, until: datetime | None, refused: str, worker_id: str, now: datetime
+) -> int | None:
+    """`BatchJob.worker_share` as it applies to `worker_id` at `now`: None once it lapsed,
+    and always for the refused worker itself, which may take any room."""
+    if share is None or until is None or until <= now or refused == worker_id:
+        return None
+    return share
 
 
 class BatchJob(models.Model):
@@ -116,6 +127,11 @@ class BatchJob(models.Model):
     @property
     def pending_items(self) -> int:
         return self.total_items - self.running_items - self.finished_items
+
+    def worker_share_of(self, worker_id: str, now: datetime) -> int | None:
+        """The worker share that limits `worker_id` now: another worker was refused lately."""
+        share, until, refused = self.worker_share, self.worker_share_until, self.worker_share_for
+        return applicable_worker_share(share, until, refused, worker_id, now)
 
     @property
     def finished_items(self) -> int:

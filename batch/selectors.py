@@ -12,7 +12,7 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import Count, F, QuerySet
 
 from batch import permissions
-from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
+from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus, applicable_worker_share
 
 
 @dataclass(frozen=True)
@@ -27,10 +27,9 @@ class BatchState:
     worker_share_for: str = ""
 
     def share_for(self, worker_id: str, now: datetime) -> int | None:
-        """The worker share that applies to `worker_id` now (`BatchJob.worker_share`)."""
-        if self.worker_share_until is None or self.worker_share_until <= now or self.worker_share_for == worker_id:
-            return None
-        return self.worker_share
+        return applicable_worker_share(
+            self.worker_share, self.worker_share_until, self.worker_share_for, worker_id, now
+        )
 
     @property
     def effective_parallel(self) -> int:

@@ -357,13 +357,6 @@ def run_step(*, batch_id: uuid.UUID, worker_id: str, lease_seconds: float, step:
     return claim
 
 
-def _share_for_others(batch: BatchJob, *, worker_id: str, now: datetime) -> int | None:
-    """The worker share that applies to `worker_id`: another worker was refused lately."""
-    if batch.worker_share_until is None or batch.worker_share_until <= now or batch.worker_share_for == worker_id:
-        return None
-    return batch.worker_share
-
-
 def _step_locked(batch_id: uuid.UUID, worker_id: str, lease_seconds: float, step: Step) -> tuple[Claim, list[int], str]:
     """The step as a few statements after locking the batch row (SQLite; the reference)."""
     with transaction.atomic():
@@ -401,7 +394,7 @@ def _step_locked(batch_id: uuid.UUID, worker_id: str, lease_seconds: float, step
         reserved=reserved,
         refused=refused,
         over_cap=batch.running_items > batch.effective_parallel,
-        share=_share_for_others(batch, worker_id=worker_id, now=now),
+        share=batch.worker_share_of(worker_id, now),
     )
     return claim, done, was
 
