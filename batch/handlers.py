@@ -84,6 +84,9 @@ class HandlerSpec:
     params: type[serializers.Serializer[Any]] | None
     is_async: bool
     description: str
+    # Sync handlers: "process" (killable worker processes, every core) or "thread" (for code
+    # that cannot leave the worker process; a thread cannot be stopped by force).
+    isolation: str = "process"
 
     def validate(self, params: object) -> dict[str, Any]:
         """Validated params of one item, or `serializers.ValidationError` with the field errors."""
@@ -124,9 +127,12 @@ _registry: dict[str, HandlerSpec] = {}
 
 
 def batch_handler(
-    name: str, *, params: type[serializers.Serializer[Any]] | None = None
+    name: str, *, params: type[serializers.Serializer[Any]] | None = None, isolation: str = "process"
 ) -> Callable[[HandlerFunc], HandlerFunc]:
-    """Register `func` as the handler called `name`."""
+    """Register `func` as the handler called `name`; a sync one runs in a worker process that
+    can be killed (`isolation="process"`) or, if it cannot leave the worker, in a thread."""
+    if isolation not in ("process", "thread"):
+        raise ValueError(f"isolation must be 'process' or 'thread', not {isolation!r}")
 
     def register(func: HandlerFunc) -> HandlerFunc:
         existing = _registry.get(name)
@@ -138,6 +144,7 @@ def batch_handler(
             params=params,
             is_async=inspect.iscoroutinefunction(func),
             description=inspect.getdoc(func) or "",
+            isolation=isolation,
         )
         return func
 

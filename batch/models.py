@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 
 from django.conf import settings
 from django.db import models
@@ -31,16 +30,6 @@ class ItemStatus(models.TextChoices):
     CANCELLED = "cancelled", "Cancelled"
 
 
-def applicable_worker_share(
-    share: int | None, until: datetime | None, refused: str, worker_id: str, now: datetime
-) -> int | None:
-    """`BatchJob.worker_share` as it applies to `worker_id` at `now`: None once it lapsed,
-    and always for the refused worker itself, which may take any room."""
-    if share is None or until is None or until <= now or refused == worker_id:
-        return None
-    return share
-
-
 class BatchJob(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=200, blank=True, default="")
@@ -58,15 +47,6 @@ class BatchJob(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
-    # When a worker's claim finds the cap taken by others: the most items any other worker
-    # should run (the cap divided among the workers running items and the refused one), until
-    # `worker_share_until`. Without it, a worker keeps every slot it holds busy through
-    # handovers and the first to claim keeps the whole cap.
-    worker_share = models.PositiveIntegerField(null=True, blank=True)
-    worker_share_until = models.DateTimeField(null=True, blank=True)
-    # The refused worker. A database default too: code of the previous release (a rolling
-    # deploy) inserts batches without it.
-    worker_share_for = models.CharField(max_length=200, blank=True, default="", db_default="")
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,
@@ -128,11 +108,6 @@ class BatchJob(models.Model):
     def pending_items(self) -> int:
         return self.total_items - self.running_items - self.finished_items
 
-    def worker_share_of(self, worker_id: str, now: datetime) -> int | None:
-        """The worker share that limits `worker_id` now: another worker was refused lately."""
-        share, until, refused = self.worker_share, self.worker_share_until, self.worker_share_for
-        return applicable_worker_share(share, until, refused, worker_id, now)
-
     @property
     def finished_items(self) -> int:
         return self.succeeded_items + self.failed_items + self.cancelled_items
@@ -190,6 +165,29 @@ class BatchJobItem(models.Model):
 
     def __str__(self) -> str:
         return f"{self.batch_id}#{self.index}"
+
+
+class BatchPermit(models.Model):
+    """Slot permits of one batch held by one worker, under a lease (judged by the database's
+    clock). The permits of all holders of a batch never exceed its `effective_parallel`; a
+    worker runs at most `permits` of the batch's items. `demand` is how many it could use."""
+
+    id = models.BigAutoField(primary_key=True)
+    batch = models.ForeignKey(BatchJob, on_delete=models.CASCADE, related_name="permits")
+    worker_id = models.CharField(max_length=200)
+    permits = models.PositiveIntegerField(default=0)
+    demand = models.PositiveIntegerField(default=0)
+    # Since when it has wanted more than it holds (None: it holds what it wants); the
+    # longest-waiting worker is first in line for the permits that do not divide evenly.
+    waiting_since = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "batch_permit"
+        constraints = [models.UniqueConstraint(fields=["batch", "worker_id"], name="batch_permit_batch_worker_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.batch_id}: {self.permits} for {self.worker_id}"
 
 
 class BatchWorker(models.Model):

@@ -5,14 +5,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import Count, F, QuerySet
+from django.db.models import Count, F, Q, QuerySet
+from django.db.models.functions import Now
 
 from batch import permissions
-from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus, applicable_worker_share
+from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
 
 
 @dataclass(frozen=True)
@@ -21,15 +22,7 @@ class BatchState:
 
     status: str
     max_parallel: int
-    cancel_deadline: datetime | None
-    worker_share: int | None = None
-    worker_share_until: datetime | None = None
-    worker_share_for: str = ""
-
-    def share_for(self, worker_id: str, now: datetime) -> int | None:
-        return applicable_worker_share(
-            self.worker_share, self.worker_share_until, self.worker_share_for, worker_id, now
-        )
+    force_due: bool = False  # past the cancel's force deadline, by the database's clock
 
     @property
     def effective_parallel(self) -> int:
@@ -38,33 +31,25 @@ class BatchState:
 
 def runnable_batches(
     *, exclude: Iterable[uuid.UUID] = (), only: uuid.UUID | None = None
-) -> list[tuple[uuid.UUID, str, int]]:
-    """(id, handler, max_parallel) of batches with pending items, oldest first."""
+) -> list[tuple[uuid.UUID, str, int | None]]:
+    """(id, handler, owner id) of batches with pending items, oldest first."""
     batches = BatchJob.objects.filter(
         status__in=[BatchStatus.PENDING, BatchStatus.RUNNING],
         total_items__gt=F("running_items") + F("succeeded_items") + F("failed_items") + F("cancelled_items"),
     ).exclude(pk__in=list(exclude))
     if only is not None:
         batches = batches.filter(pk=only)
-    return list(batches.order_by("created_at").values_list("id", "handler", "max_parallel")[:100])
+    return list(batches.order_by("created_at").values_list("id", "handler", "created_by_id")[:100])
 
 
 def batch_states(batch_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, BatchState]:
-    rows = BatchJob.objects.filter(pk__in=list(batch_ids)).values_list(
-        "id", "status", "max_parallel", "cancel_requested_at", "worker_share", "worker_share_until", "worker_share_for"
-    )
     drain = timedelta(seconds=settings.BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS)
-    return {
-        pk: BatchState(
-            status=status,
-            max_parallel=mp,
-            cancel_deadline=at + drain if at else None,
-            worker_share=share,
-            worker_share_until=until,
-            worker_share_for=share_for,
-        )
-        for pk, status, mp, at, share, until, share_for in rows
-    }
+    rows = (
+        BatchJob.objects.filter(pk__in=list(batch_ids))
+        .annotate(force_due=Q(cancel_requested_at__lte=Now() - drain))
+        .values_list("id", "status", "max_parallel", "force_due")
+    )
+    return {pk: BatchState(status=status, max_parallel=mp, force_due=bool(due)) for pk, status, mp, due in rows}
 
 
 def batches_for(user: AbstractBaseUser | AnonymousUser) -> QuerySet[BatchJob]:

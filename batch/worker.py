@@ -16,26 +16,41 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Awaitable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from django.conf import settings
-from django.utils import timezone
 
 from batch import selectors, services
-from batch.handlers import UnknownHandler, get_handler
+from batch.handlers import HandlerSpec, UnknownHandler, get_handler
 from batch.models import TERMINAL_BATCH_STATUSES, BatchStatus
 from batch.notify import listen_for_control
-from batch.runner import BatchRunner, Limiter
+from batch.runner import BatchRunner
+from batch.slots import WorkerSlots
 from batch.store import DatabaseStore, call_db
+from batch.sync_calls import SyncCalls, sync_calls_for_worker
 
 logger = logging.getLogger(__name__)
 
 ABORT_GRACE_SECONDS = 10.0  # after giving items back, how long runs may take to wind down
 UNREGISTER_TIMEOUT = 5.0
+# Without a renewal for this share of the lease, a worker stops its items itself: by the time
+# the lease expires (by the database's clock) and another worker may take them, they are stopped.
+LOST_LEASE_SHARE = 0.8
+
+
+@dataclass
+class PermitState:
+    """What a worker knows of its permits of one batch."""
+
+    allowed: int = 0
+    permits: int = 0
+    effective_parallel: int = 0
+    synced_at: float = field(default_factory=time.monotonic)
+    resync: bool = False  # a notification or a change asks for a sync at the next watch tick
 
 
 @dataclass(frozen=True)
@@ -79,8 +94,10 @@ class Worker:
         self.observer = observer
         self.runners: dict[uuid.UUID, BatchRunner] = {}
         self._runner_tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
-        self.slots = Limiter(config.concurrency)
-        self.executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="batch-handler")
+        self.slots = WorkerSlots(config.concurrency)
+        self.sync_calls: SyncCalls = sync_calls_for_worker(config.concurrency)
+        self.permits: dict[uuid.UUID, PermitState] = {}
+        self._last_renewal = time.monotonic()
         self._stopping = asyncio.Event()
         self._closed = asyncio.Event()
         self._wakeup = asyncio.Event()  # the dispatch loop's
@@ -110,6 +127,7 @@ class Worker:
                 group.create_task(self._heartbeat_loop())
                 group.create_task(self._watch_loop())
                 group.create_task(self._summary_loop())
+                group.create_task(self._lease_guard_loop())
                 group.create_task(listen_for_control(self._on_control, self._closed))
                 await self._dispatch_loop(group)
                 await self._drain()
@@ -117,7 +135,7 @@ class Worker:
             if self.observer is not None:
                 await self.observer(self, final=True)
         finally:
-            self.executor.shutdown(wait=False, cancel_futures=True)
+            await self.sync_calls.close()
             try:  # bounded: with the database down, exit anyway (the heartbeat just goes stale)
                 await asyncio.wait_for(
                     call_db(services.unregister_worker, worker_id=config.worker_id), UNREGISTER_TIMEOUT
@@ -142,19 +160,19 @@ class Worker:
         request's own transaction, on commit, so the batch is cancelling by now; the watch
         loop's read confirms it anyway."""
         kind, _, batch_id = payload.partition(":")
-        if kind == "cancel":
-            with contextlib.suppress(ValueError):
-                runner = self.runners.get(uuid.UUID(batch_id))
-                if runner is not None:
-                    runner.cancel()
+        with contextlib.suppress(ValueError):
+            key = uuid.UUID(batch_id)
+            runner, state = self.runners.get(key), self.permits.get(key)
+            if kind == "cancel" and runner is not None:
+                runner.cancel()
+            if state is not None and kind in ("cancel", "resize", "permits"):
+                state.resync = True
         self.wake()
 
     def wake(self) -> None:
         """A control notification (or a local change): look at the database again now."""
         self._wakeup.set()
         self._watch_wakeup.set()
-        for runner in self.runners.values():
-            runner.wake()
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -186,8 +204,8 @@ class Worker:
         """Start runners for new runnable batches; True when the worker should exit idle."""
         exclude = [*self.runners, *self._unknown_handlers]
         found = await call_db(selectors.runnable_batches, exclude=exclude, only=self.config.only_batch)
-        for batch_id, handler_name, max_parallel in found:
-            self._start(group, batch_id, handler_name, max_parallel)
+        for batch_id, handler_name, owner in found:
+            await self._start(group, batch_id, handler_name, owner)
         return not self.runners and not found and await self._idle_exit()
 
     async def _idle_exit(self) -> bool:
@@ -199,7 +217,7 @@ class Worker:
         state = states.get(self.config.only_batch)
         return state is None or state.status in TERMINAL_BATCH_STATUSES
 
-    def _start(self, group: asyncio.TaskGroup, batch_id: uuid.UUID, handler_name: str, max_parallel: int) -> None:
+    async def _start(self, group: asyncio.TaskGroup, batch_id: uuid.UUID, handler_name: str, owner: Any) -> None:
         if self._stopping.is_set():  # a signal came while the query ran: start nothing new
             return
         try:
@@ -210,20 +228,25 @@ class Worker:
             )
             self._unknown_handlers.add(batch_id)
             return
-        runner = BatchRunner(
+        runner = self._runner(batch_id, handler, owner)
+        self.runners[batch_id] = runner
+        self.permits[batch_id] = PermitState(resync=True)
+        await self._sync_permits([batch_id])
+        self._runner_tasks[batch_id] = group.create_task(self._run_batch(runner))
+
+    def _runner(self, batch_id: uuid.UUID, handler: HandlerSpec, owner: Any) -> BatchRunner:
+        return BatchRunner(
             batch_id=batch_id,
             handler=handler,
             store=DatabaseStore(
                 batch_id=batch_id, worker_id=self.config.worker_id, lease_seconds=self.config.lease_seconds
             ),
-            parallel=services.effective_parallel(max_parallel),
-            executor=self.executor,
+            parallel=0,  # until the first grant
+            sync_calls=self.sync_calls,
             worker_slots=self.slots,
+            owner=owner,
             item_timeout=self.config.item_timeout,
-            idle_wait=self.config.poll_interval,
         )
-        self.runners[batch_id] = runner
-        self._runner_tasks[batch_id] = group.create_task(self._run_batch(runner))
 
     async def _run_batch(self, runner: BatchRunner) -> None:
         logger.info("batch run started", extra={"batch_id": str(runner.batch_id), "parallel": runner.parallel})
@@ -234,6 +257,12 @@ class Worker:
         finally:
             del self.runners[runner.batch_id]
             del self._runner_tasks[runner.batch_id]
+            self.permits.pop(runner.batch_id, None)
+            with contextlib.suppress(Exception):  # else they lapse with the lease
+                await asyncio.wait_for(
+                    call_db(services.release_permits, worker_id=self.config.worker_id, batch_id=runner.batch_id),
+                    UNREGISTER_TIMEOUT,
+                )
             self._finished_by_ended_runs += runner.stats.finished
             self.wake()
         logger.info(
@@ -279,21 +308,70 @@ class Worker:
         # and taking its absence for "deleted" would cancel a batch nobody cancelled.
         asked = list(self.runners)
         states = await call_db(selectors.batch_states, asked)
-        now = timezone.now()
         for batch_id in asked:
-            runner, state = self.runners.get(batch_id), states.get(batch_id)
-            if runner is None:
+            runner, state, permits = self.runners.get(batch_id), states.get(batch_id), self.permits.get(batch_id)
+            if runner is None or permits is None:
                 continue
             if state is None or state.status == BatchStatus.CANCELLING or state.status in TERMINAL_BATCH_STATUSES:
                 runner.cancel()
-            if state is None:
-                continue
-            if state.cancel_deadline is not None and now >= state.cancel_deadline:
+            if state is not None and state.force_due:
                 runner.force_cancel()
-            # Steps bring the worker share too, but a worker at its share whose items run long
-            # makes none: this poll lifts a lapsed share and keeps a renewed one in force.
-            runner.observe_share(state.share_for(self.config.worker_id, now))
-            runner.resize(state.effective_parallel)
+            if state is not None and state.effective_parallel != permits.effective_parallel:
+                permits.effective_parallel, permits.resync = state.effective_parallel, True
+        await self._sync_permits([batch_id for batch_id in asked if self._sync_due(batch_id)])
+
+    def _sync_due(self, batch_id: uuid.UUID) -> bool:
+        """Sync a batch's permits on a change or notification, while waiting for permits or
+        owing some back, and at least once per heartbeat (which renews their lease)."""
+        runner, state = self.runners.get(batch_id), self.permits.get(batch_id)
+        if runner is None or state is None:
+            return False
+        waiting = runner.wants_more and state.allowed < self._demand(runner, state)
+        owing = state.permits > max(state.allowed, len(runner.running_item_ids))
+        stale = time.monotonic() - state.synced_at >= self.config.heartbeat_seconds
+        return state.resync or waiting or owing or stale
+
+    def _demand(self, runner: BatchRunner, state: PermitState) -> int:
+        """Permits a batch could use here: its cap, within this worker's share of its slots."""
+        if not runner.wants_more:
+            return 0
+        share = max(1, -(-self.config.concurrency // max(len(self.runners), 1)))
+        return min(state.effective_parallel or self.config.concurrency, share)
+
+    async def _sync_permits(self, batch_ids: list[uuid.UUID]) -> None:
+        requests = [
+            services.PermitRequest(batch_id, holding=runner.holding, demand=self._demand(runner, state))
+            for batch_id in batch_ids
+            if (runner := self.runners.get(batch_id)) is not None and (state := self.permits.get(batch_id)) is not None
+        ]
+        if not requests:
+            return
+        sent = time.monotonic()
+        grants = await call_db(
+            services.sync_permits,
+            worker_id=self.config.worker_id,
+            lease_seconds=self.config.lease_seconds,
+            requests=requests,
+        )
+        for batch_id, grant in grants.items():
+            runner, state = self.runners.get(batch_id), self.permits.get(batch_id)
+            if runner is None or state is None:
+                continue
+            state.allowed, state.permits, state.synced_at, state.resync = grant.allowed, grant.permits, sent, False
+            runner.resize(grant.allowed)
+
+    async def _lease_guard_loop(self) -> None:
+        """Renewals have failed for most of a lease (the database is unreachable): stop every
+        item here before another worker may take it (the database's clock ends the lease; ours
+        only comes earlier). Touches no database, so it runs while every call retries."""
+        while not self._closed.is_set():
+            await self._sleep_unless_closed(min(1.0, self.config.heartbeat_seconds))
+            if time.monotonic() - self._last_renewal < LOST_LEASE_SHARE * self.config.lease_seconds:
+                continue
+            for runner in self.runners.values():
+                if runner.running_item_ids:
+                    logger.error("leases not renewed in time; stopping items", extra={"batch_id": str(runner.batch_id)})
+                    runner.abort()
 
     async def _heartbeat_loop(self) -> None:
         while not self._closed.is_set():
@@ -305,12 +383,14 @@ class Worker:
 
     async def _heartbeat_once(self) -> None:
         running = [item_id for runner in self.runners.values() for item_id in runner.leased_item_ids]
+        sent = time.monotonic()
         await call_db(
             services.renew_leases,
             worker_id=self.config.worker_id,
             item_ids=running,
             lease_seconds=self.config.lease_seconds,
         )
+        self._last_renewal = sent
         await call_db(services.recover_expired_leases)
 
     async def _sleep_unless_closed(self, seconds: float) -> None:

@@ -158,10 +158,6 @@ LOGGING = {
 }
 
 # --- batch engine -------------------------------------------------------------------------
-# The worker prepares its one hot statement (the step) on each connection. Off (0) behind a
-# transaction-mode pooler that cannot keep prepared statements (PgBouncer before 1.21, or
-# without max_prepared_statements).
-DATABASE_PREPARED_STATEMENTS = env_bool("DATABASE_PREPARED_STATEMENTS", True)
 BATCH_GLOBAL_MAX_PARALLEL = env_int("BATCH_GLOBAL_MAX_PARALLEL", 4, minimum=1)
 BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS = env_float("BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS", 30.0, minimum=0)
 BATCH_WORKER_CONCURRENCY = env_int("BATCH_WORKER_CONCURRENCY", 16, minimum=1)
@@ -171,6 +167,10 @@ BATCH_LEASE_SECONDS = env_float("BATCH_LEASE_SECONDS", 30.0, minimum=1)
 BATCH_HEARTBEAT_SECONDS = env_float("BATCH_HEARTBEAT_SECONDS", 10.0, minimum=0.1)
 BATCH_POLL_INTERVAL_SECONDS = env_float("BATCH_POLL_INTERVAL_SECONDS", 0.5, minimum=0.01)
 BATCH_ITEM_TIMEOUT_SECONDS = env_float("BATCH_ITEM_TIMEOUT_SECONDS", 0.0, minimum=0)
+# One owner's running items across the cluster at most (0: no limit).
+BATCH_MAX_RUNNING_PER_OWNER = env_int("BATCH_MAX_RUNNING_PER_OWNER", 0, minimum=0)
+# Processes for sync (`def`) handlers per worker (0: the worker's concurrency); they can be killed.
+BATCH_SYNC_PROCESSES = env_int("BATCH_SYNC_PROCESSES", 0, minimum=0)
 # `runbatch` logs a `worker summary` line this often (0: never).
 BATCH_LOG_SUMMARY_SECONDS = env_float("BATCH_LOG_SUMMARY_SECONDS", 60.0, minimum=0)
 # Extra modules that register handlers, besides each installed app's `batch_handlers`.

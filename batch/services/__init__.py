@@ -5,7 +5,8 @@ lock the batch row first (`SELECT … FOR UPDATE`): that fixes a lock order (no 
 the counters exact, and makes the parallelism cap hold across every worker process.
 
 - `submit`: validate and write a whole batch (all or nothing);
-- `execution`: the worker's hot path (complete + claim in one step, release on shutdown);
+- `permits`: slot permits, the one place a batch's cap is enforced;
+- `execution`: the worker's hot path (starts, outcomes and the next items in one step; release on shutdown);
 - `control`: cancel and resize requests;
 - `leases`: lease renewal, recovery of a lost worker's items, worker registration.
 """
@@ -16,19 +17,20 @@ from batch.services._base import (
     Actor,
     CancelOutcome,
     CancelResult,
-    Claim,
     ClaimedItem,
-    Handover,
     InvalidValue,
     Outcome,
+    Start,
     Step,
+    StepResult,
     SubmitError,
     SubmitResult,
     effective_parallel,
 )
 from batch.services.control import cancel_deadline, request_cancel, resize_batch
-from batch.services.execution import claim_items, complete_and_claim, complete_items, release_items, run_step
+from batch.services.execution import claim_items, complete_items, release_items, run_step
 from batch.services.leases import recover_expired_leases, register_worker, renew_leases, unregister_worker
+from batch.services.permits import Grant, PermitRequest, fair_shares, release_permits, sync_permits
 from batch.services.submit import MAX_REPORTED_ITEM_ERRORS, submit_batch
 
 __all__ = [
@@ -38,26 +40,30 @@ __all__ = [
     "Actor",
     "CancelOutcome",
     "CancelResult",
-    "Claim",
     "ClaimedItem",
-    "Handover",
+    "Grant",
     "InvalidValue",
     "Outcome",
+    "PermitRequest",
+    "Start",
     "Step",
+    "StepResult",
     "SubmitError",
     "SubmitResult",
     "cancel_deadline",
     "claim_items",
-    "complete_and_claim",
     "complete_items",
     "effective_parallel",
+    "fair_shares",
     "recover_expired_leases",
     "register_worker",
     "release_items",
+    "release_permits",
     "renew_leases",
     "request_cancel",
     "resize_batch",
     "run_step",
     "submit_batch",
+    "sync_permits",
     "unregister_worker",
 ]

@@ -88,29 +88,20 @@ class ClaimedItem:
 
 
 @dataclass(frozen=True)
-class Claim:
-    """What one step of a worker got: items to start now, items reserved for later."""
-
-    items: list[ClaimedItem]
-    pending: int  # items of the batch still pending after this claim (reserved ones included)
-    status: str
-    # Pending items held for this worker: each may start only in place of one of its running
-    # items that finished (a handover), so the cap counted in the database is never exceeded.
-    reserved: list[ClaimedItem] = field(default_factory=list)
-    refused: list[int] = field(default_factory=list)  # handovers the database did not accept
-    over_cap: bool = False  # more items run than the cap allows (it was lowered): hand nothing over
-    # Another worker's claim found the cap taken lately: run at most this many of the batch's
-    # items here (None: no limit but the cap). Never set for the refused worker itself, which
-    # may take whatever room frees up. See `BatchJob.worker_share`.
-    share: int | None = None
-
-
-@dataclass(frozen=True)
-class Handover:
-    """A reserved item this worker started in place of a finished one, and when."""
+class Start:
+    """A held item this worker started (without a round trip), and when; written after the fact."""
 
     item_id: int
     started_at: datetime = field(default_factory=partial(datetime.now, UTC))
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step of a worker on a batch got back."""
+
+    fetched: list[ClaimedItem]  # pending items now held for this worker (leased, not started)
+    status: str | None  # the batch's status after the step; None if the step did not read it
+    refused: list[int] = field(default_factory=list)  # starts the database did not accept (lease lost)
 
 
 @dataclass(frozen=True)
@@ -124,16 +115,13 @@ class Outcome:
 
 @dataclass
 class Step:
-    """One write of a worker about one batch: what it reports and what it asks for
-    (see `execution.run_step`)."""
+    """One write of a worker about one batch (see `execution.run_step`): the starts and outcomes
+    of its items, held items it gives back, and how many more pending items it wants to hold."""
 
+    started: list[Start] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
-    started: list[Handover] = field(default_factory=list)
-    claim: int = 0
-    promote: list[int] = field(default_factory=list)
-    reserve: int = 0
-    reserve_per_claim: int = 0
     give_back: list[int] = field(default_factory=list)
+    fetch: int = 0
 
 
 def chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -218,3 +206,24 @@ def apply_finished(batch: BatchJob, statuses: Iterable[str]) -> None:
             batch.failed_items += 1
         else:
             batch.cancelled_items += 1
+
+
+# --- the database's clock: every lease, recovery, deadline and expiry is judged by it -------
+
+
+def db_now() -> datetime:
+    """The database's current time (hosts' clocks disagree; the database's is the one clock)."""
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SELECT now()")
+            value: datetime = cursor.fetchone()[0]
+            return value
+        cursor.execute("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")
+        return datetime.fromisoformat(cursor.fetchone()[0]).replace(tzinfo=UTC)
+
+
+def db_later_sql(seconds: float) -> tuple[str, list[Any]]:
+    """SQL for the database's time `seconds` from now, and its parameters."""
+    if connection.vendor == "postgresql":
+        return "now() + %s * interval '1 second'", [float(seconds)]
+    return "strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now', %s)", [f"{float(seconds):+.6f} seconds"]

@@ -26,6 +26,7 @@ from batch.services._base import (
     InvalidValue,
     as_user,
     audit,
+    db_now,
     finalize_if_done,
     lock_batch,
     notify,
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 
 def request_cancel(*, batch_id: uuid.UUID, by: Actor = None) -> CancelResult:
-    """Start cancelling: the batch → cancelling, its unreserved pending items → cancelled at once.
+    """Start cancelling: the batch → cancelling, its unleased pending items → cancelled at once.
 
     Workers see the request (notification, else their poll) and stop the running items
     cooperatively; the last one to stop moves the batch to cancelled.
@@ -49,9 +50,9 @@ def request_cancel(*, batch_id: uuid.UUID, by: Actor = None) -> CancelResult:
             return CancelResult(CancelOutcome.TERMINAL, batch)
         if batch.status == BatchStatus.CANCELLING:
             return CancelResult(CancelOutcome.ALREADY_CANCELLING, batch)
-        now = timezone.now()
-        # Items reserved by a worker stay: it may be starting one in place of a finished item
-        # (a handover it has not written yet). It gives them back, cancelled, when it sees
+        now = db_now()  # the force deadline counts from here, by the database's clock
+        # Items held by a worker stay: it may have started one without writing it yet. It
+        # gives them back, cancelled, when it sees
         # the cancel; if it died, lease recovery does.
         cancelled = BatchJobItem.objects.filter(batch_id=batch_id, status=ItemStatus.PENDING, lease_owner="").update(
             status=ItemStatus.CANCELLED, finished_at=now

@@ -9,17 +9,18 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from django.db import transaction
-from django.utils import timezone
 
 from batch.models import (
     BatchJob,
     BatchJobItem,
+    BatchPermit,
     BatchStatus,
     BatchWorker,
     ItemStatus,
 )
 from batch.services._base import (
     InvalidValue,
+    db_now,
     finalize_if_done,
     lock_batch,
     notify,
@@ -30,13 +31,13 @@ logger = logging.getLogger(__name__)
 
 
 def renew_leases(*, worker_id: str, item_ids: Sequence[int], lease_seconds: float) -> int:
-    """Extend the leases of the items `worker_id` runs or holds reserved, and its heartbeat.
+    """Extend the leases of the items `worker_id` runs or holds, and its heartbeat.
 
     Only the ids the worker knows it runs: an item claimed by a transaction whose answer
     was lost (connection dropped at commit) is left to expire and be taken back.
     """
-    now = timezone.now()
     with transaction.atomic():
+        now = db_now()
         BatchWorker.objects.filter(pk=worker_id).update(heartbeat_at=now)
         return BatchJobItem.objects.filter(
             pk__in=list(item_ids), status__in=[ItemStatus.RUNNING, ItemStatus.PENDING], lease_owner=worker_id
@@ -47,10 +48,11 @@ def recover_expired_leases() -> int:
     """Take back items whose worker stopped renewing their lease.
 
     Retried (→ pending) while attempts remain, otherwise failed; in a cancelling batch,
-    cancelled. Expired reservations are cleared (cancelled in a cancelling batch). Returns how
+    cancelled. Expired holds are cleared (cancelled in a cancelling batch). Judged by the
+    database's clock, so a worker whose clock runs ahead recovers nothing early. Returns how
     many items were taken back.
     """
-    now = timezone.now()
+    now = db_now()
     batch_ids = {
         batch_id
         for status in (ItemStatus.RUNNING, ItemStatus.PENDING)
@@ -89,7 +91,7 @@ def _recover_batch_leases(batch_id: uuid.UUID, now: datetime) -> int:
             batch.failed_items += failed
             count = failed + expired.update(status=ItemStatus.PENDING, started_at=None, **cleared)
         batch.running_items -= count
-        count += _recover_reservations(batch, now, taken)
+        count += _recover_holds(batch, now, taken)
         finalize_if_done(batch, now)
         save_counters(batch)
         notify(batch_id, "recovered", taken)
@@ -98,8 +100,8 @@ def _recover_batch_leases(batch_id: uuid.UUID, now: datetime) -> int:
     return count
 
 
-def _recover_reservations(batch: BatchJob, now: datetime, taken: list[int]) -> int:
-    """Clear the expired reservations of the locked batch (its worker stopped renewing them)."""
+def _recover_holds(batch: BatchJob, now: datetime, taken: list[int]) -> int:
+    """Clear the expired holds of the locked batch (its worker stopped renewing them)."""
     expired = BatchJobItem.objects.filter(batch_id=batch.id, status=ItemStatus.PENDING, lease_expires_at__lt=now)
     ids = list(expired.select_for_update(skip_locked=True).values_list("pk", flat=True))
     if not ids:
@@ -119,8 +121,8 @@ def register_worker(*, worker_id: str, hostname: str, pid: int, concurrency: int
 
     Raises InvalidValue when another live worker already uses `worker_id`.
     """
-    now = timezone.now()
     with transaction.atomic():
+        now = db_now()
         existing = BatchWorker.objects.select_for_update().filter(pk=worker_id).first()
         alive_since = now - timedelta(seconds=lease_seconds)
         if existing and existing.stopped_at is None and existing.heartbeat_at > alive_since:
@@ -141,4 +143,7 @@ def register_worker(*, worker_id: str, hostname: str, pid: int, concurrency: int
 
 
 def unregister_worker(*, worker_id: str) -> None:
-    BatchWorker.objects.filter(pk=worker_id).update(stopped_at=timezone.now())
+    """A worker that stops: its permits go back at once, its heartbeat record is closed."""
+    with transaction.atomic():
+        BatchPermit.objects.filter(worker_id=worker_id).delete()
+        BatchWorker.objects.filter(pk=worker_id).update(stopped_at=db_now())
