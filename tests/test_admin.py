@@ -35,8 +35,8 @@ def batches(submit: Callable[..., BatchJob], user: Any) -> list[BatchJob]:
     first = submit("demo.sleep", [{"seconds": 1}] * 3, created_by=user, name="first")
     second = submit("demo.noop", [{}] * 2, created_by=user, name="second")
     done = submit("demo.noop", [{}], created_by=user, name="done")
-    claim = services.claim_items(batch_id=done.pk, worker_id="w", limit=1, lease_seconds=30)
-    outcome = services.Outcome(item_id=claim.items[0].id, status="succeeded")
+    claimed = services.claim_items(batch_id=done.pk, worker_id="w", limit=1, lease_seconds=30)
+    outcome = services.Outcome(item_id=claimed[0].id, status="succeeded")
     services.complete_items(batch_id=done.pk, worker_id="w", outcomes=[outcome])
     return [first, second, done]
 

@@ -70,8 +70,8 @@ def batch_of(submit: Callable[..., BatchJob]) -> Callable[..., BatchJob]:
 
 def finish(batch: BatchJob) -> None:
     """Run every item of `batch` to success through the services (a worker in miniature)."""
-    claim = services.claim_items(batch_id=batch.pk, worker_id="w", limit=1000, lease_seconds=30)
-    outcomes = [services.Outcome(item_id=item.id, status="succeeded") for item in claim.items]
+    claimed = services.claim_items(batch_id=batch.pk, worker_id="w", limit=1000, lease_seconds=30)
+    outcomes = [services.Outcome(item_id=item.id, status="succeeded") for item in claimed]
     services.complete_items(batch_id=batch.pk, worker_id="w", outcomes=outcomes)
 
 
@@ -301,13 +301,13 @@ def test_cancel_that_does_not_drain_in_time_is_504_with_running_count(
     api_client: Any, user: Any, batch_of: Callable[..., BatchJob]
 ) -> None:
     batch = batch_of(user, 3)
-    claim = services.claim_items(batch_id=batch.pk, worker_id="w", limit=1, lease_seconds=30)
+    claimed = services.claim_items(batch_id=batch.pk, worker_id="w", limit=1, lease_seconds=30)
     response = api_client.delete(f"/api/batches/{batch.pk}/?drain_timeout=0.2")
     body = assert_problem(response, 504)
     assert (body["running_items"], body["batch"]["status"], body["batch"]["running_items"]) == (1, "cancelling", 1)
     again = api_client.post(f"/api/batches/{batch.pk}/cancel/?drain_timeout=0")  # cancelling again waits, no 409
     assert_problem(again, 504)
-    outcome = services.Outcome(item_id=claim.items[0].id, status="cancelled")
+    outcome = services.Outcome(item_id=claimed[0].id, status="cancelled")
     services.complete_items(batch_id=batch.pk, worker_id="w", outcomes=[outcome])
     final = api_client.delete(f"/api/batches/{batch.pk}/?drain_timeout=1")
     assert final.status_code == 409  # cancelled now: terminal

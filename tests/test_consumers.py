@@ -83,8 +83,8 @@ submit = sync_to_async(lambda handler, items, **kw: services.submit_batch(handle
 
 
 def _fail_first_item(batch_id: uuid.UUID) -> None:
-    claim = services.claim_items(batch_id=batch_id, worker_id="test", limit=1, lease_seconds=30)
-    outcome = services.Outcome(item_id=claim.items[0].id, status=ItemStatus.FAILED, error="ValueError: boom")
+    claimed = services.claim_items(batch_id=batch_id, worker_id="test", limit=1, lease_seconds=30)
+    outcome = services.Outcome(item_id=claimed[0].id, status=ItemStatus.FAILED, error="ValueError: boom")
     services.complete_items(batch_id=batch_id, worker_id="test", outcomes=[outcome])
 
 

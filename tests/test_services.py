@@ -10,7 +10,7 @@ import pytest
 from django.utils import timezone
 
 from batch import services
-from batch.models import BatchJob, BatchJobItem, BatchStatus, BatchWorker, ItemStatus
+from batch.models import BatchPermit, BatchJob, BatchJobItem, BatchStatus, BatchWorker, ItemStatus
 from batch.services import CancelOutcome, Outcome, SubmitError
 
 pytestmark = pytest.mark.django_db
@@ -19,7 +19,7 @@ Submit = Callable[..., BatchJob]
 
 
 def claim(batch: BatchJob, limit: int = 100, worker: str = "w1", lease: float = 30) -> list[services.ClaimedItem]:
-    return services.claim_items(batch_id=batch.id, worker_id=worker, limit=limit, lease_seconds=lease).items
+    return services.claim_items(batch_id=batch.id, worker_id=worker, limit=limit, lease_seconds=lease)
 
 
 def finish(batch: BatchJob, items: list[services.ClaimedItem], status: ItemStatus, worker: str = "w1") -> BatchJob:
@@ -204,9 +204,10 @@ def test_resize_to_zero_is_invalid(submit: Submit) -> None:
 
 
 def expire(items: list[services.ClaimedItem]) -> None:
-    BatchJobItem.objects.filter(pk__in=[i.id for i in items]).update(
-        lease_expires_at=timezone.now() - timedelta(seconds=1)
-    )
+    """The items' worker stopped renewing: their leases and its permits lapse."""
+    past = timezone.now() - timedelta(seconds=1)
+    BatchJobItem.objects.filter(pk__in=[i.id for i in items]).update(lease_expires_at=past)
+    BatchPermit.objects.update(expires_at=past)
 
 
 def test_expired_lease_puts_the_item_back_while_attempts_remain(submit: Submit) -> None:
