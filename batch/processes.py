@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LARGE_JOB = 32 * 1024  # bytes; a bigger job may not fit the pipe's buffer, so a thread sends it
-IDLE_EXIT_GRACE = 2.0  # seconds close() gives an idle child to exit on end-of-file before a kill
 Reply = tuple[Any, ...]
 
 
@@ -64,12 +63,12 @@ class HandlerTimeout(TimeoutError):
 
 
 class HandlerCrashed(Exception):
-    """The process running the handler died (os._exit, a signal, the pool closed)."""
+    """The process running the handler died (os._exit, a signal, the pool closed); its exit
+    code, negative for a signal's number, is in the message."""
 
 
 class _RemoteTraceback(Exception):
-    def __str__(self) -> str:
-        return str(self.args[0])
+    """The child's traceback, as the `__cause__` of the exception raised here."""
 
 
 @dataclass(eq=False)
@@ -81,7 +80,7 @@ class _Slot:
     pid: int
     inbox: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)  # None: pipe closed
     alive: bool = True
-    ending: asyncio.Task[int] | None = None  # reaps the process; gives its exit code
+    ending: asyncio.Task[int] | None = None  # reaps the process, gives its exit code
 
 
 class SyncProcessPool:
@@ -127,39 +126,41 @@ class SyncProcessPool:
         Waits for an idle child first (not part of `timeout`). Raises `HandlerTimeout`,
         `HandlerCrashed` or `HandlerError` (see above); on cancellation, kills the child and
         raises `CancelledError` once it is dead."""
+        if handler.is_async:
+            raise ValueError(f"handler {handler.name!r} is async: it runs on the loop, not in a process")
         job = (handler.name, handler.func.__module__, params, batch_id, item_id, index, attempt)
         async with self._free:
             slot = await self._take()
             try:
                 reply = await self._run(slot, job, cancel_event, on_progress, timeout)
             except BaseException:
-                await _uncancellable(self._end(slot, grace=0))
+                await _uncancellable(self._end(slot))
                 raise
             if reply is None:
-                code = await _uncancellable(self._end(slot, grace=0))
+                code = await _uncancellable(self._end(slot))
                 closed = " (the pool was closed)" if self._closed else ""
-                raise HandlerCrashed(f"The handler's process {slot.pid} died{closed}: {_describe(code)}.")
+                raise HandlerCrashed(f"The handler's process {slot.pid} died{closed}: exit code {code}.")
             self._idle.append(slot)
         if reply[0] == "ok":
             return reply[1]
         raise _exception(reply)
 
     async def close(self) -> None:
-        """Stop idle children, kill busy ones, return once all are dead. Idempotent."""
+        """Kill every child (an idle one holds nothing: its connections closed after its item),
+        return once all are dead; calls in flight raise `HandlerCrashed`. Idempotent."""
         self._closed = True
-        idle, self._idle = set(self._idle), []
-        endings = [self._end(slot, grace=IDLE_EXIT_GRACE if slot in idle else 0) for slot in list(self._slots)]
-        for ending in endings:
+        self._idle.clear()
+        for ending in [self._end(slot) for slot in self._slots]:
             await _uncancellable(ending)
 
     async def _take(self) -> _Slot:
-        if self._closed:
-            raise RuntimeError("the process pool is closed")
         while self._idle:
             slot = self._idle.pop()
             if slot.alive:
                 return slot
-            await _uncancellable(self._end(slot, grace=0))  # died while idle
+            await _uncancellable(self._end(slot))  # died while idle
+        if self._closed:
+            raise RuntimeError("the process pool is closed")
         return self._spawn()
 
     def _spawn(self) -> _Slot:
@@ -195,11 +196,14 @@ class SyncProcessPool:
                 return None
             async with deadline:
                 while (raw := await slot.inbox.get()) is not None:
-                    reply = _loads(raw)
+                    try:
+                        reply: Reply = pickle.loads(raw)
+                    except Exception as exc:  # the result's class cannot be imported here
+                        return ("error", None, type(exc).__name__, f"The reply cannot be unpickled: {exc}", "")
                     if reply[0] == "started" and timeout is not None:
                         deadline.reschedule(asyncio.get_running_loop().time() + timeout)
                     elif reply[0] == "progress" and on_progress is not None:
-                        _report(on_progress, reply[1], reply[2])
+                        on_progress(reply[1], reply[2])
                     elif reply[0] in ("ok", "error"):
                         return reply
                 return None
@@ -211,9 +215,10 @@ class SyncProcessPool:
             relay.cancel()
 
     def _on_readable(self, slot: _Slot) -> None:
+        # One message per readiness: the loop calls again while more wait. A message is read
+        # whole once it starts; the child writes it in one go, already pickled.
         try:
-            while slot.conn.poll():
-                slot.inbox.put_nowait(slot.conn.recv_bytes())
+            slot.inbox.put_nowait(slot.conn.recv_bytes())
         except (EOFError, OSError):
             self._detach(slot)
 
@@ -225,24 +230,20 @@ class SyncProcessPool:
             slot.conn.close()
             slot.inbox.put_nowait(None)
 
-    def _end(self, slot: _Slot, *, grace: float) -> asyncio.Task[int]:
+    def _end(self, slot: _Slot) -> asyncio.Task[int]:
         if slot.ending is None:
-            slot.ending = asyncio.ensure_future(self._reap(slot, grace))
+            slot.ending = asyncio.ensure_future(self._reap(slot))
         return slot.ending
 
-    async def _reap(self, slot: _Slot, grace: float) -> int:
-        """Kill the child after `grace` seconds unless it exited; its exit code once it is gone."""
+    async def _reap(self, slot: _Slot) -> int:
+        """Kill the child; its exit code once it is gone (a negative one: the signal's number)."""
         self._detach(slot)
-        process, loop = slot.process, asyncio.get_running_loop()
-        kill_at: float | None = loop.time() + grace
+        slot.process.kill()
         delay = 0.001
-        while (code := process.exitcode) is None:  # polls waitpid(WNOHANG): reaps it
-            if kill_at is not None and loop.time() >= kill_at:
-                process.kill()
-                kill_at = None
+        while (code := slot.process.exitcode) is None:  # polls waitpid(WNOHANG): reaps it
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
-        process.close()
+        slot.process.close()
         self._slots.discard(slot)
         logger.info("handler process ended", extra={"pid": slot.pid, "exit_code": code})
         return code
@@ -251,17 +252,14 @@ class SyncProcessPool:
 async def _uncancellable(task: asyncio.Task[int]) -> int:
     """Await `task` to the end even if we are cancelled meanwhile; then re-raise the cancel."""
     cancelled = False
-    while True:
+    while not task.done():
         try:
-            result = await asyncio.shield(task)
+            await asyncio.shield(task)
         except asyncio.CancelledError:
-            if task.done():
-                raise
             cancelled = True
-            continue
-        if cancelled:
-            raise asyncio.CancelledError
-        return result
+    if cancelled:
+        raise asyncio.CancelledError
+    return task.result()
 
 
 async def _relay_cancel(source: asyncio.Event, target: ProcessEvent) -> None:
@@ -281,21 +279,6 @@ async def _send(conn: Connection, data: bytes) -> bool:
     return True
 
 
-def _loads(raw: bytes) -> Reply:
-    try:
-        reply: Reply = pickle.loads(raw)
-    except Exception as exc:
-        return ("error", None, type(exc).__name__, f"The handler's reply cannot be unpickled here: {exc}", "")
-    return reply
-
-
-def _report(on_progress: Callable[[float, str], None], fraction: float, message: str) -> None:
-    try:
-        on_progress(fraction, message)
-    except Exception:
-        logger.exception("progress callback failed")
-
-
 def _exception(reply: Reply) -> BaseException:
     _, blob, type_name, message, remote_traceback = reply
     exc: BaseException = HandlerError(type_name, message)
@@ -304,12 +287,6 @@ def _exception(reply: Reply) -> BaseException:
             exc = pickle.loads(blob)
     exc.__cause__ = _RemoteTraceback(remote_traceback)
     return exc
-
-
-def _describe(code: int) -> str:
-    if code < 0:
-        return f"killed by signal {signal.Signals(-code).name} (exit code {code})"
-    return f"exit code {code}"
 
 
 # --- the child ------------------------------------------------------------------------------

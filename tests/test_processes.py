@@ -88,10 +88,11 @@ async def pool2() -> AsyncIterator[SyncProcessPool]:
 
 
 async def test_result_and_context_come_back_and_the_process_is_reused(pool: SyncProcessPool) -> None:
-    first = await call(pool, "test.proc.echo", {"n": 1}, item_id=5)
+    big = {"n": 1, "blob": "x" * 200_000}  # more than a pipe holds: sent from a thread
+    first = await call(pool, "test.proc.echo", big, item_id=5)
     second = await call(pool, "test.proc.echo", {"n": 2}, item_id=6)
 
-    assert first["params"] == {"n": 1}
+    assert first["params"] == big
     assert first["ctx"] == [BATCH_ID, 5, 4, 1, False]
     assert second["params"] == {"n": 2}
     assert first["pid"] == second["pid"] != os.getpid()
