@@ -112,3 +112,8 @@ def fail(params: dict[str, Any], ctx: ItemContext) -> None:
     if kind == "exit":
         os._exit(params["code"])
     raise AssertionError(kind)
+
+
+@batch_handler("test.proc.noop")
+def noop(params: dict[str, Any], ctx: ItemContext) -> None:
+    """Does nothing: what the pool itself costs per item."""
