@@ -3,9 +3,12 @@
 `SyncProcessPool.call` runs one item of a plain `def` handler in one of at most `size` child
 processes (started lazily, reused). Cancelling the awaiting task, or its `timeout` counted from
 the handler's start, kills that child and returns only once it is dead: no handler code runs on.
+The child sets Django up once with the parent's DATABASES and gives the handler an `ItemContext`
+whose `cancelled` follows the caller's `cancel_event`; `ctx.wait(s)` is its cancellable sleep.
 Built on stdlib `multiprocessing` (spawn or forkserver, never fork from a loop with threads):
 ProcessPoolExecutor and pebble cannot kill the one process behind a call and wait for its death,
-nor carry a per-call cancel flag and progress, which is most of this module.
+nor carry a per-call cancel flag and progress, which is most of this module. Spawn re-imports
+the parent's `__main__`: a script using the pool needs the `if __name__ == "__main__"` guard.
 SIGKILL without a SIGTERM grace: Python's default SIGTERM is just as abrupt, and a handler's
 open transaction rolls back when its connection drops, so one signal keeps the wait short.
 """

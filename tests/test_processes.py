@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from batch.handlers import ItemCancelled, get_handler
+from batch.handlers import ItemCancelled, ItemContext, get_handler
 from batch.processes import HandlerCrashed, HandlerError, HandlerTimeout, SyncProcessPool
 from tests import process_handlers
 
@@ -231,6 +232,20 @@ async def test_close_ends_idle_and_busy_processes_and_is_idempotent(pool2: SyncP
     await asyncio.wait_for(pool2.close(), TIMEOUT)
     with pytest.raises(RuntimeError, match="closed"):
         await call(pool2, "test.proc.echo")
+
+
+async def test_ctx_wait_also_wakes_on_a_loops_event_in_a_thread() -> None:
+    cancel = asyncio.Event()
+    ctx = ItemContext(batch_id=BATCH_ID, item_id=1, index=0, attempt=1, cancel_event=cancel)
+    waiting = asyncio.ensure_future(asyncio.to_thread(ctx.wait, 600))
+    await asyncio.sleep(0.05)
+    cancel.set()
+
+    with pytest.raises(ItemCancelled):
+        await finish(waiting)
+    ctx.cancel_event = threading.Event()
+    with pytest.raises(TypeError, match=r"ctx\.wait"):
+        await ctx.sleep(1)
 
 
 def test_fork_is_refused() -> None:
