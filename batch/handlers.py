@@ -2,8 +2,8 @@
 
 A handler is registered with `@batch_handler(name, params=SomeSerializer)`. Its parameters
 are validated per item at submit time; at run time it receives the validated dict and an
-`ItemContext`. Async handlers run on the worker's loop, sync ones in a bounded thread pool.
-Apps add handlers in a `batch_handlers` module, found by `autodiscover()`.
+`ItemContext`. Async handlers run on the worker's loop, sync ones off it (in killable worker
+processes, `batch.processes`). Apps add handlers in a `batch_handlers` module, found by `autodiscover()`.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import asyncio
 import inspect
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import connections
@@ -24,6 +25,9 @@ from django.utils.module_loading import autodiscover_modules
 from rest_framework import serializers
 
 from batch.forecasting import backtest
+
+if TYPE_CHECKING:
+    from multiprocessing.synchronize import Event as ProcessEvent
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +44,18 @@ class ItemCancelled(Exception):
 
 @dataclass
 class ItemContext:
-    """What a handler knows about the item it runs and the batch it belongs to."""
+    """What a handler knows about the item it runs and the batch it belongs to.
+
+    `cancel_event` is the batch's `asyncio.Event` on the loop, or a `threading`/`multiprocessing`
+    Event where a sync handler runs in a worker process. Async handlers `await ctx.sleep(s)`,
+    sync ones call `ctx.wait(s)`; both wake and raise `ItemCancelled` once the batch is cancelled.
+    """
 
     batch_id: uuid.UUID
     item_id: int
     index: int
     attempt: int
-    cancel_event: asyncio.Event
+    cancel_event: asyncio.Event | threading.Event | ProcessEvent
     progress_fraction: float = 0.0
     progress_message: str = ""
     _on_progress: Callable[[ItemContext], None] | None = field(default=None, repr=False)
@@ -61,11 +70,27 @@ class ItemContext:
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, but wake and raise `ItemCancelled` as soon as the batch is cancelled."""
+        event = self.cancel_event
+        if not isinstance(event, asyncio.Event):
+            raise TypeError("ctx.sleep() is for async handlers; a sync handler calls ctx.wait(seconds)")
         try:
-            await asyncio.wait_for(self.cancel_event.wait(), timeout=seconds)
+            await asyncio.wait_for(event.wait(), timeout=seconds)
         except TimeoutError:
             return
         raise ItemCancelled()
+
+    def wait(self, seconds: float) -> None:
+        """`sleep` for sync handlers: block, but wake and raise `ItemCancelled` on cancel."""
+        event = self.cancel_event
+        if not isinstance(event, asyncio.Event):
+            if event.wait(seconds):
+                raise ItemCancelled()
+            return
+        # A loop's Event cannot be waited on from another thread: look at it often instead.
+        deadline = time.monotonic() + seconds
+        while not event.is_set() and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.05))
+        self.raise_if_cancelled()
 
     def progress(self, fraction: float, message: str = "") -> None:
         self.progress_fraction = min(max(fraction, 0.0), 1.0)
