@@ -19,14 +19,9 @@ from typing import Any, Protocol
 from django.conf import settings
 
 from batch.handlers import HandlerSpec, ItemContext
+from batch.processes import HandlerTimeout, SyncProcessPool
 
-
-class HandlerTimeout(TimeoutError):
-    """The item timeout expired; the handler was stopped (or, in a thread, has returned)."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"timed out after {seconds} s")
-        self.seconds = seconds
+__all__ = ["HandlerTimeout", "SyncCalls", "SyncDispatch", "ThreadCalls", "sync_calls_for_worker"]
 
 
 class SyncCalls(Protocol):
@@ -103,21 +98,24 @@ class ThreadCalls:
 
 
 class SyncDispatch:
-    """Each sync handler to the pool its `isolation` names."""
+    """Each sync handler to the pool its `isolation` names: killable processes or threads."""
 
-    def __init__(self, *, processes: SyncCalls, threads: SyncCalls) -> None:
-        self._pools = {"process": processes, "thread": threads}
+    def __init__(self, *, processes: SyncProcessPool, threads: ThreadCalls) -> None:
+        self._processes = processes
+        self._threads = threads
 
-    async def call(self, *, handler: HandlerSpec, **kwargs: Any) -> Any:
-        return await self._pools[handler.isolation].call(handler=handler, **kwargs)
+    async def call(self, *, handler: HandlerSpec, item_timeout: float | None = None, **kwargs: Any) -> Any:
+        if handler.isolation == "thread":
+            return await self._threads.call(handler=handler, item_timeout=item_timeout, **kwargs)
+        return await self._processes.call(handler=handler, timeout=item_timeout, **kwargs)
 
     async def close(self) -> None:
-        for pool in self._pools.values():
-            await pool.close()
+        await self._processes.close()
+        await self._threads.close()
 
 
-def sync_calls_for_worker(concurrency: int) -> SyncCalls:
+def sync_calls_for_worker(concurrency: int) -> SyncDispatch:
     """Killable processes for sync handlers (BATCH_SYNC_PROCESSES, default the worker's
     concurrency, started as needed), threads for those registered with isolation="thread"."""
     size = settings.BATCH_SYNC_PROCESSES or concurrency
-    return SyncDispatch(processes=ThreadCalls(size), threads=ThreadCalls(concurrency))
+    return SyncDispatch(processes=SyncProcessPool(size), threads=ThreadCalls(concurrency))

@@ -3,71 +3,89 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from batch.handlers import HandlerSpec, ItemContext
 from batch.models import ItemStatus
-from batch.runner import MAX_DEPTH, BatchRunner, Limiter
-from batch.services import Claim, ClaimedItem, Outcome, effective_parallel
+from batch.runner import MAX_HOLD, BatchRunner
+from batch.services import ClaimedItem, Outcome, effective_parallel
+from batch.slots import Limiter, WorkerSlots
+from batch.sync_calls import ThreadCalls
 
 TIMEOUT = 10
 
 
 class MemoryStore:
-    """A BatchStore over a list; records every claim size and every outcome."""
+    """A BatchStore over a list; records every fetch, start and outcome."""
 
     def __init__(self, count: int) -> None:
         self.pending = [ClaimedItem(id=i, index=i, params={"i": i}, attempt=1) for i in range(count)]
-        self.claims: list[int] = []
+        self.held: list[ClaimedItem] = []
+        self.hold_target = 0
+        self.exhausted = False
+        self.on_refused: Callable[[list[int]], None] = lambda ids: None
+        self.fetches: list[int] = []
+        self.started: list[int] = []
         self.outcomes: dict[int, Outcome] = {}
         self.released: list[int] = []
-        self.status = "running"
+        self.given_back: list[int] = []
+        self.peak_held = 0
+        self.closed = False
 
-    async def claim(self, limit: int) -> Claim:
-        self.claims.append(limit)
-        if self.status != "running":
-            return Claim(items=[], pending=0, status=self.status)
-        taken, self.pending = self.pending[:limit], self.pending[limit:]
-        return Claim(items=taken, pending=len(self.pending), status=self.status)
+    def take(self) -> ClaimedItem | None:
+        if not self.held:
+            return None
+        item = self.held.pop(0)
+        self.started.append(item.id)
+        return item
 
-    async def complete(self, outcomes: list[Outcome]) -> None:
-        self.enqueue(outcomes)
+    def held_item_ids(self) -> list[int]:
+        return [item.id for item in self.held]
 
     def enqueue(self, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
             assert outcome.item_id not in self.outcomes, "an item completed twice"
             self.outcomes[outcome.item_id] = outcome
+        self._top_up()
+
+    async def complete(self, outcomes: list[Outcome]) -> None:
+        self.enqueue(outcomes)
+
+    async def refill(self) -> None:
+        await asyncio.sleep(0)  # a write's round trip
+        self._top_up(at_least=1)
+
+    def _top_up(self, at_least: int = 0) -> None:
+        if self.closed:
+            return
+        wanted = max(self.hold_target - len(self.held), at_least)
+        if wanted <= 0:
+            return
+        self.fetches.append(wanted)
+        taken, self.pending = self.pending[:wanted], self.pending[wanted:]
+        self.held += taken
+        self.exhausted = len(taken) < wanted
+        self.peak_held = max(self.peak_held, len(self.held))
+
+    def trim(self, keep: int) -> None:
+        while len(self.held) > max(keep, 0):
+            item = self.held.pop()
+            self.given_back.append(item.id)
+            self.pending.insert(0, item)
+
+    async def close(self) -> None:
+        self.closed = True
+        self.trim(0)
 
     async def flush(self) -> None:
         pass
 
     async def release(self, item_ids: list[int]) -> None:
         self.released.extend(item_ids)
-
-    reserve_target = 0
-    reserve_depth = 0
-    start_rate = 0.0
-    share: int | None = None
-
-    def take_reserved(self) -> ClaimedItem | None:
-        return None
-
-    def reserved_item_ids(self) -> list[int]:
-        return []
-
-    def on_refused(self, callback: Any) -> None:
-        self.refused_callback = callback
-
-    async def trim(self, keep: int) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
 
     def count(self, status: ItemStatus) -> int:
         return sum(1 for o in self.outcomes.values() if o.status == status)
@@ -98,18 +116,18 @@ class Probe:
         return {"i": params["i"]}
 
 
-def spec(func: Any, *, is_async: bool = True) -> HandlerSpec:
-    return HandlerSpec(name="test", func=func, params=None, is_async=is_async, description="")
+def spec(func: Any, *, is_async: bool = True, isolation: str = "process") -> HandlerSpec:
+    return HandlerSpec(name="test", func=func, params=None, is_async=is_async, description="", isolation=isolation)
 
 
 def runner_for(store: MemoryStore, func: Any, parallel: int, **kwargs: Any) -> BatchRunner:
+    is_async = kwargs.pop("is_async", True)
     return BatchRunner(
         batch_id=uuid.uuid4(),
-        handler=spec(func, is_async=kwargs.pop("is_async", True)),
+        handler=spec(func, is_async=is_async, isolation="thread"),
         store=store,
         parallel=parallel,
-        executor=kwargs.pop("executor", None) or ThreadPoolExecutor(max_workers=parallel),
-        idle_wait=0.01,
+        sync_calls=kwargs.pop("sync_calls", None) or ThreadCalls(max(parallel, 1)),
         **kwargs,
     )
 
@@ -131,40 +149,83 @@ async def test_a_cap_the_semaphore_does_not_enforce_would_be_caught() -> None:
     assert probe.peak == 8
 
 
-async def test_items_are_claimed_lazily_never_more_than_free_slots() -> None:
-    store, probe = MemoryStore(100), Probe(gate_at=3)
+async def test_items_are_held_lazily_never_more_than_the_hold_target() -> None:
+    store, probe = MemoryStore(2000), Probe(gate_at=3)
     await asyncio.wait_for(runner_for(store, probe, 3).run(), TIMEOUT)
-    assert max(store.claims) <= 3
-    assert sum(store.claims) >= 100
-    assert probe.calls == 100
+    assert store.count(ItemStatus.SUCCEEDED) == 2000
+    assert 3 <= store.peak_held <= MAX_HOLD
+    assert max(store.fetches) <= MAX_HOLD
+
+
+async def test_a_runner_without_permits_starts_nothing_until_granted() -> None:
+    store, probe = MemoryStore(6), Probe(gate_at=2)
+    runner = runner_for(store, probe, 0)
+    run = asyncio.ensure_future(runner.run())
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert probe.calls == 0 and store.started == []
+    runner.resize(2)  # the grant arrives
+    await asyncio.wait_for(run, TIMEOUT)
+    assert probe.peak == 2 and store.count(ItemStatus.SUCCEEDED) == 6
+
+
+async def test_cancel_of_a_runner_without_permits_ends_it() -> None:
+    store = MemoryStore(6)
+    runner = runner_for(store, Probe(gate_at=1), 0)
+    run = asyncio.ensure_future(runner.run())
+    await asyncio.sleep(0)
+    runner.cancel()
+    await asyncio.wait_for(run, TIMEOUT)
+    assert store.started == [] and store.closed
 
 
 async def test_worker_slots_bound_items_across_batches() -> None:
-    shared = Limiter(3)
+    slots = WorkerSlots(3)
     probe = Probe(gate_at=3)
-    first, second = MemoryStore(20), MemoryStore(20)
-    runners = [runner_for(s, probe, 4, worker_slots=shared) for s in (first, second)]
-    async with asyncio.timeout(TIMEOUT), asyncio.TaskGroup() as group:
+    stores = [MemoryStore(10), MemoryStore(10)]
+    runners = [runner_for(store, probe, 4, worker_slots=slots) for store in stores]
+    async with asyncio.TaskGroup() as group:
         for runner in runners:
-            group.create_task(runner.run())
+            group.create_task(asyncio.wait_for(runner.run(), TIMEOUT))
     assert probe.peak == 3
-    assert len(first.outcomes) == len(second.outcomes) == 20
+    assert all(store.count(ItemStatus.SUCCEEDED) == 10 for store in stores)
+
+
+async def test_a_freed_worker_slot_goes_to_the_owner_running_the_fewest() -> None:
+    """Owner a holds both slots and waits for a third; owner b waits too: b gets the next one."""
+    slots, stop = WorkerSlots(2), asyncio.Event()
+    assert await slots.acquire("a", stop) and await slots.acquire("a", stop)
+    order: list[str] = []
+
+    async def want(owner: str) -> None:
+        assert await slots.acquire(owner, stop)
+        order.append(owner)
+
+    first_a = asyncio.ensure_future(want("a"))
+    await asyncio.sleep(0)
+    then_b = asyncio.ensure_future(want("b"))
+    await asyncio.sleep(0)
+    slots.release("a")
+    await asyncio.wait_for(then_b, TIMEOUT)
+    assert order == ["b"] and not first_a.done()
+    slots.release("a")
+    await asyncio.wait_for(first_a, TIMEOUT)
+    assert order == ["b", "a"]
 
 
 async def test_handler_exception_fails_only_that_item() -> None:
     async def flaky(params: dict[str, Any], ctx: ItemContext) -> int:
-        if params["i"] % 5 == 0:
+        if params["i"] % 3 == 0:
             raise ValueError(f"bad item {params['i']}")
-        return int(params["i"])
+        return params["i"]
 
-    store = MemoryStore(20)
-    await asyncio.wait_for(runner_for(store, flaky, 4).run(), TIMEOUT)
-    assert store.count(ItemStatus.FAILED) == 4
-    assert store.count(ItemStatus.SUCCEEDED) == 16
-    assert store.outcomes[5].error == "ValueError: bad item 5"
+    store = MemoryStore(9)
+    await asyncio.wait_for(runner_for(store, flaky, 2).run(), TIMEOUT)
+    assert store.count(ItemStatus.FAILED) == 3 and store.count(ItemStatus.SUCCEEDED) == 6
+    assert store.outcomes[3].error == "ValueError: bad item 3"
 
 
-@pytest.mark.parametrize("bad", [object(), {"x": float("nan")}])
+@pytest.mark.parametrize("bad", [object(), float("nan"), {"k": {1, 2}}])
 async def test_unserializable_result_fails_the_item_not_the_batch(bad: object) -> None:
     async def returns_object(params: dict[str, Any], ctx: ItemContext) -> object:
         return bad
@@ -172,418 +233,182 @@ async def test_unserializable_result_fails_the_item_not_the_batch(bad: object) -
     store = MemoryStore(2)
     await asyncio.wait_for(runner_for(store, returns_object, 2).run(), TIMEOUT)
     assert store.count(ItemStatus.FAILED) == 2
-    assert "not JSON serializable" in store.outcomes[0].error
+    assert store.outcomes[0].error.startswith("Result is not JSON serializable")
 
 
 async def test_cooperative_cancel_launches_nothing_more_and_stops_running_items() -> None:
     started = asyncio.Event()
-    calls = 0
 
     async def waits(params: dict[str, Any], ctx: ItemContext) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            started.set()
-        await ctx.sleep(3600)
+        started.set()
+        await ctx.sleep(60)
 
     store = MemoryStore(50)
-    runner = runner_for(store, waits, 2)
-    task = asyncio.create_task(runner.run())
+    runner = runner_for(store, waits, 3)
+    run = asyncio.ensure_future(runner.run())
     await asyncio.wait_for(started.wait(), TIMEOUT)
-    store.status = "cancelling"
+    while len(runner.running_item_ids) < 3:
+        await asyncio.sleep(0)
     runner.cancel()
-    await asyncio.wait_for(task, TIMEOUT)
-    assert calls == 2
-    assert store.count(ItemStatus.CANCELLED) == 2
-    assert all(o.error == "Cancelled at a checkpoint." for o in store.outcomes.values())
+    await asyncio.wait_for(run, TIMEOUT)
+    assert store.count(ItemStatus.CANCELLED) == 3 and len(store.outcomes) == 3
+    assert len(store.started) == 3  # nothing launched after the cancel
+    assert store.closed and store.held == []  # the held items went back
 
 
 async def test_force_cancel_stops_a_handler_that_ignores_cancellation() -> None:
-    started = asyncio.Event()
+    running = asyncio.Event()
 
     async def stubborn(params: dict[str, Any], ctx: ItemContext) -> None:
-        started.set()
-        await asyncio.sleep(3600)
+        running.set()
+        await asyncio.sleep(3600)  # no checkpoint
 
     store = MemoryStore(1)
     runner = runner_for(store, stubborn, 1)
-    task = asyncio.create_task(runner.run())
-    await asyncio.wait_for(started.wait(), TIMEOUT)
+    run = asyncio.ensure_future(runner.run())
+    await asyncio.wait_for(running.wait(), TIMEOUT)
     runner.cancel()
-    await asyncio.sleep(0.05)
-    assert not task.done(), "a non-cooperative handler keeps running after a cooperative cancel"
+    await asyncio.sleep(0)
+    assert not run.done()  # cooperative cancel alone does not stop it
     runner.force_cancel()
-    await asyncio.wait_for(task, TIMEOUT)
+    await asyncio.wait_for(run, TIMEOUT)
     assert store.outcomes[0].status == ItemStatus.CANCELLED
     assert "by force" in store.outcomes[0].error
 
 
 async def test_abort_gives_running_items_back() -> None:
-    started = asyncio.Event()
+    running = asyncio.Event()
 
     async def long(params: dict[str, Any], ctx: ItemContext) -> None:
-        started.set()
+        running.set()
         await asyncio.sleep(3600)
 
     store = MemoryStore(5)
     runner = runner_for(store, long, 2)
-    task = asyncio.create_task(runner.run())
-    await asyncio.wait_for(started.wait(), TIMEOUT)
-    await asyncio.sleep(0)
+    run = asyncio.ensure_future(runner.run())
+    await asyncio.wait_for(running.wait(), TIMEOUT)
+    while len(runner.running_item_ids) < 2:
+        await asyncio.sleep(0)
     runner.abort()
-    await asyncio.wait_for(task, TIMEOUT)
-    assert sorted(store.released) == [0, 1]
-    assert store.outcomes == {}
-    assert len(store.pending) == 3
+    await asyncio.wait_for(run, TIMEOUT)
+    assert sorted(store.released) == [0, 1] and store.outcomes == {}
 
 
-async def test_item_timeout_fails_the_item() -> None:
-    async def hangs(params: dict[str, Any], ctx: ItemContext) -> None:
-        await asyncio.Event().wait()
+async def test_a_handlers_own_timeout_error_is_a_failure_not_the_item_timeout() -> None:
+    async def raises(params: dict[str, Any], ctx: ItemContext) -> None:
+        raise TimeoutError("upstream timed out")
 
-    store = MemoryStore(2)
-    await asyncio.wait_for(runner_for(store, hangs, 2, item_timeout=0.05).run(), TIMEOUT)
-    assert store.count(ItemStatus.FAILED) == 2
-    assert "Timed out" in store.outcomes[0].error
+    store = MemoryStore(1)
+    await asyncio.wait_for(runner_for(store, raises, 1, item_timeout=30).run(), TIMEOUT)
+    assert store.outcomes[0].error == "TimeoutError: upstream timed out"
 
 
-async def test_sync_handlers_run_in_the_bounded_pool_off_the_loop() -> None:
-    threads: set[str] = set()
-    lock = threading.Lock()
-    barrier = threading.Barrier(2, timeout=TIMEOUT)
+async def test_the_item_timeout_stops_an_async_handler_and_frees_its_slot() -> None:
+    stopped: list[int] = []
 
-    def blocking(params: dict[str, Any], ctx: ItemContext) -> int:
-        with lock:
-            threads.add(threading.current_thread().name)
-        if params["i"] < 2:
-            barrier.wait()  # both of the first two run at once, on two pool threads
-        return int(params["i"])
+    async def slow(params: dict[str, Any], ctx: ItemContext) -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            stopped.append(params["i"])
 
-    store = MemoryStore(10)
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pool")
-    await asyncio.wait_for(runner_for(store, blocking, 2, is_async=False, executor=pool).run(), TIMEOUT)
-    assert store.count(ItemStatus.SUCCEEDED) == 10
-    assert threading.current_thread().name not in threads
-    assert len(threads) == 2
+    store = MemoryStore(3)
+    await asyncio.wait_for(runner_for(store, slow, 1, item_timeout=0.05).run(), TIMEOUT)
+    assert [o.error for o in store.outcomes.values()] == ["Timed out after 0.05 s."] * 3
+    assert sorted(stopped) == [0, 1, 2]  # each handler really stopped
 
 
 async def test_resize_while_running_changes_the_cap() -> None:
-    limiter = Limiter(4)
-    for _ in range(4):
-        assert limiter.try_acquire()
-    assert not limiter.try_acquire()
-    limiter.resize(2)
-    limiter.release()
-    limiter.release()
-    assert not limiter.try_acquire(), "shrinking to 2 with 2 still held leaves no free slot"
-    limiter.release()
-    assert limiter.try_acquire()
-    limiter.resize(5)
-    assert [limiter.try_acquire() for _ in range(4)] == [True, True, True, False]
+    release = asyncio.Event()
+    running, peak_after = 0, 0
+    resized = False
+
+    async def held(params: dict[str, Any], ctx: ItemContext) -> None:
+        nonlocal running, peak_after
+        running += 1
+        if resized:
+            peak_after = max(peak_after, running)
+        await release.wait()
+        running -= 1
+
+    store = MemoryStore(30)
+    runner = runner_for(store, held, 4)
+    run = asyncio.ensure_future(runner.run())
+    while running < 4:
+        await asyncio.sleep(0)
+    runner.resize(1)
+    resized = True
+    release.set()
+    await asyncio.wait_for(run, TIMEOUT)
+    assert peak_after == 1  # once the four drained, one at a time
+    assert store.count(ItemStatus.SUCCEEDED) == 30
 
 
-async def test_shrinking_takes_free_slots_at_once() -> None:
-    limiter = Limiter(4)
+def test_a_shrunk_limiter_never_interrupts_holders_and_admits_fewer() -> None:
+    limiter = Limiter(3)
+    limiter.in_use = 3
     limiter.resize(1)
-    assert limiter.try_acquire()
-    assert not limiter.try_acquire()
-
-
-# --- regressions found in review ----------------------------------------------------------
-
-
-class FailingClaimStore(MemoryStore):
-    async def claim(self, limit: int) -> Claim:
-        raise RuntimeError("claim failed")
-
-
-async def test_a_failed_claim_gives_back_every_slot() -> None:
-    shared = Limiter(2)
-    runner = runner_for(FailingClaimStore(5), Probe(gate_at=1), 2, worker_slots=shared)
-    with pytest.raises(ExceptionGroup):
-        await asyncio.wait_for(runner.run(), TIMEOUT)
-    assert [shared.try_acquire(), shared.try_acquire()] == [True, True]
-
-
-async def test_cancelling_the_run_gives_items_back_instead_of_cancelling_them() -> None:
-    started = asyncio.Event()
-
-    async def long(params: dict[str, Any], ctx: ItemContext) -> None:
-        started.set()
-        await asyncio.sleep(3600)
-
-    store = MemoryStore(4)
-    task = asyncio.create_task(runner_for(store, long, 2).run())
-    await asyncio.wait_for(started.wait(), TIMEOUT)
-    await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(task, TIMEOUT)
-    assert sorted(store.released) == [0, 1]
-    assert store.outcomes == {}
+    assert limiter.free == 0
+    limiter.release()
+    limiter.release()
+    assert limiter.free == 0  # 1 still held: the cap of 1 is taken
+    limiter.release()
+    assert limiter.free == 1
 
 
 async def test_nul_characters_never_reach_the_database() -> None:
     async def nul(params: dict[str, Any], ctx: ItemContext) -> dict[str, str]:
         if params["i"] == 0:
             raise ValueError("bad\x00byte")
-        return {"text": "a\x00b"}
+        return {"v": "a\x00b"}
 
     store = MemoryStore(2)
     await asyncio.wait_for(runner_for(store, nul, 2).run(), TIMEOUT)
     assert store.outcomes[0].error == "ValueError: bad\\x00byte"
-    assert store.outcomes[1].status == ItemStatus.FAILED
-    assert "NUL" in store.outcomes[1].error
+    assert store.outcomes[1].status == ItemStatus.FAILED and "NUL" in store.outcomes[1].error
 
 
-class ReclaimStore(MemoryStore):
-    """Reports one more pending item until the second attempt of item 0 has been claimed."""
+async def test_a_refused_start_stops_that_item_here_silently() -> None:
+    """The database refused a start (the item's lease was lost; another worker may run it)."""
+    running = asyncio.Event()
+    stopped: list[int] = []
 
-    async def claim(self, limit: int) -> Claim:
-        claim = await super().claim(limit)
-        reclaimed = any(item.attempt == 2 for item in claim.items)
-        self.served_second = getattr(self, "served_second", False) or reclaimed
-        return Claim(items=claim.items, pending=claim.pending or int(not self.served_second), status=claim.status)
-
-
-async def test_an_item_reclaimed_while_its_old_attempt_runs_here_replaces_it() -> None:
-    """Renewals failed, the lease expired and the item came back to this worker: the old
-    attempt stops silently, only the new one runs on and records the outcome."""
-    store = ReclaimStore(1)
-    first_started = asyncio.Event()
-    old_attempt_cancelled = asyncio.Event()
-
-    async def handler(params: dict[str, Any], ctx: ItemContext) -> dict[str, int]:
-        if ctx.attempt == 1:
-            store.pending.append(ClaimedItem(id=0, index=0, params={"i": 0}, attempt=2))
-            first_started.set()
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                old_attempt_cancelled.set()
-                raise
-        return {"attempt": ctx.attempt}
-
-    await asyncio.wait_for(runner_for(store, handler, 2).run(), TIMEOUT)
-    assert old_attempt_cancelled.is_set()
-    assert store.outcomes[0].result == {"attempt": 2}
-    assert store.released == []
-
-
-# --- reservations and handovers ---------------------------------------------------------------
-
-
-class ReservingStore(MemoryStore):
-    """A MemoryStore that also reserves: a claim takes the store's own reserved items first,
-    every write tops the reservations up to `reserve_target`, and `events` records the order
-    of handovers and completions."""
-
-    def __init__(self, count: int) -> None:
-        super().__init__(count)
-        self.reserved: list[ClaimedItem] = []
-        self.events: list[tuple[str, int]] = []
-        self.closed = False
-
-    def _top_up(self, started: int = 0) -> None:
-        if not self.closed and self.status == "running":
-            wanted = max(0, self.reserve_target + self.reserve_depth * started - len(self.reserved))
-            self.reserved += self.pending[:wanted]
-            self.pending = self.pending[wanted:]
-
-    async def claim(self, limit: int) -> Claim:
-        self.claims.append(limit)
-        if self.status != "running":
-            return Claim(items=[], pending=0, status=self.status)
-        own = min(limit, len(self.reserved))
-        taken, self.reserved = self.reserved[:own], self.reserved[own:]
-        fresh, self.pending = self.pending[: limit - own], self.pending[limit - own :]
-        self._top_up(started=len(taken) + len(fresh))
-        return Claim(items=taken + fresh, pending=len(self.pending) + len(self.reserved), status=self.status)
-
-    def enqueue(self, outcomes: list[Outcome]) -> None:
-        self.events += [("complete", o.item_id) for o in outcomes]
-        super().enqueue(outcomes)
-        self._top_up()
-
-    def take_reserved(self) -> ClaimedItem | None:
-        if self.closed or not self.reserved:
-            return None
-        item = self.reserved.pop(0)
-        self.events.append(("handover", item.id))
-        return item
-
-    def reserved_item_ids(self) -> list[int]:
-        return [item.id for item in self.reserved]
-
-    async def trim(self, keep: int) -> None:
-        while len(self.reserved) > keep:  # unreserved: pending again, first in line
-            self.pending.insert(0, self.reserved.pop())
-
-    async def close(self) -> None:
-        self.closed = True
-        self.released += self.reserved_item_ids()
-        self.reserved = []
-
-
-async def test_handovers_keep_the_cap_exact_and_ride_with_the_completion_they_replace() -> None:
-    store, probe = ReservingStore(60), Probe(gate_at=3)
-    runner = runner_for(store, probe, 3)
-    await asyncio.wait_for(runner.run(), TIMEOUT)
-    assert probe.peak == 3
-    assert store.count(ItemStatus.SUCCEEDED) == 60 and probe.calls == 60
-    handovers = [i for i, (kind, _) in enumerate(store.events) if kind == "handover"]
-    assert len(handovers) > 30, "most slots went from one item to the next without a claim"
-    assert len(store.claims) < 20
-    for i in handovers:  # queued together, before anything could be written alone
-        assert store.events[i + 1][0] == "complete"
-
-
-async def test_fast_items_reserve_deeper_slow_ones_one_per_slot() -> None:
-    fast_targets: list[int] = []
-
-    async def instant(params: dict[str, Any], ctx: ItemContext) -> None:
-        fast_targets.append(fast.reserve_target)
-
-    fast = ReservingStore(200)
-    await asyncio.wait_for(runner_for(fast, instant, 4).run(), TIMEOUT)
-    assert max(fast_targets) == 4 * MAX_DEPTH, "instant items: the deepest reservation per slot"
-    assert fast.count(ItemStatus.SUCCEEDED) == 200
-
-    targets: list[int] = []
-
-    async def slow(params: dict[str, Any], ctx: ItemContext) -> None:
-        await asyncio.sleep(0.03)
-        targets.append(slow_store.reserve_target)
-
-    slow_store = ReservingStore(12)
-    await asyncio.wait_for(runner_for(slow_store, slow, 4).run(), TIMEOUT)
-    assert max(targets) <= 4, "30 ms items: one reserved item per slot"
-    assert slow_store.count(ItemStatus.SUCCEEDED) == 12
-
-
-async def test_after_cancel_nothing_is_handed_over_and_reservations_go_back() -> None:
-    started = asyncio.Event()
-
-    async def waits(params: dict[str, Any], ctx: ItemContext) -> None:
-        started.set()
-        while not ctx.cancelled:
-            await asyncio.sleep(0.001)
-        ctx.raise_if_cancelled()
-
-    store = ReservingStore(20)
-    runner = runner_for(store, waits, 2)
-    task = asyncio.create_task(runner.run())
-    await asyncio.wait_for(started.wait(), TIMEOUT)
-    held = store.reserved_item_ids()
-    assert held, "the first claim reserved items for the two slots"
-    runner.cancel()
-    await asyncio.wait_for(task, TIMEOUT)
-    assert not any(kind == "handover" for kind, _ in store.events)
-    assert store.count(ItemStatus.CANCELLED) == 2
-    assert store.closed and store.released == held
-
-
-async def test_a_batch_waiting_for_worker_slots_gets_them_despite_handovers() -> None:
-    shared = Limiter(2)
-    order: list[str] = []
-
-    def recorder(name: str) -> Any:
-        async def run(params: dict[str, Any], ctx: ItemContext) -> None:
-            order.append(name)
-            await asyncio.sleep(0)
-
-        return run
-
-    first, second = ReservingStore(40), ReservingStore(5)
-    one = runner_for(first, recorder("first"), 2, worker_slots=shared)
-    two = runner_for(second, recorder("second"), 2, worker_slots=shared)
-    async with asyncio.timeout(TIMEOUT), asyncio.TaskGroup() as group:
-        group.create_task(one.run())
-        await asyncio.sleep(0)
-        group.create_task(two.run())
-    assert order.index("second") < order.index("first") + 10, "the second batch was not starved"
-    assert len(first.outcomes) == 40 and len(second.outcomes) == 5
-
-
-async def test_a_handlers_own_timeout_error_is_a_failure_not_the_item_timeout() -> None:
-    async def raises(params: dict[str, Any], ctx: ItemContext) -> None:
-        raise TimeoutError("upstream took too long")
-
-    for timeout in (None, 30.0):
-        store = MemoryStore(1)
-        await asyncio.wait_for(runner_for(store, raises, 1, item_timeout=timeout).run(), TIMEOUT)
-        assert store.outcomes[0].error == "TimeoutError: upstream took too long"
-
-
-async def test_the_item_timeout_fails_the_item() -> None:
-    async def slow(params: dict[str, Any], ctx: ItemContext) -> None:
-        await asyncio.sleep(3600)
+    async def long(params: dict[str, Any], ctx: ItemContext) -> None:
+        running.set()
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            stopped.append(params["i"])
 
     store = MemoryStore(1)
-    await asyncio.wait_for(runner_for(store, slow, 1, item_timeout=0.01).run(), TIMEOUT)
-    assert (store.outcomes[0].status, store.outcomes[0].error) == (ItemStatus.FAILED, "Timed out after 0.01 s.")
+    runner = runner_for(store, long, 1)
+    run = asyncio.ensure_future(runner.run())
+    await asyncio.wait_for(running.wait(), TIMEOUT)
+    store.on_refused([0])
+    await asyncio.wait_for(run, TIMEOUT)
+    assert stopped == [0] and store.outcomes == {} and store.released == []
 
 
-async def test_a_crashed_run_gives_its_reservations_back() -> None:
-    class CrashingStore(ReservingStore):
-        async def claim(self, limit: int) -> Claim:
-            if self.claims:
-                raise RuntimeError("the database went away for good")
-            return await super().claim(limit)
+async def test_a_thread_handler_keeps_its_slot_until_the_thread_returns() -> None:
+    """A thread cannot be stopped: force cancel waits for it, and no other item starts meanwhile."""
+    import threading
 
-    async def quick(params: dict[str, Any], ctx: ItemContext) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def blocking(params: dict[str, Any], ctx: ItemContext) -> int:
+        entered.set()
+        release.wait(30)
+        return params["i"]
+
+    store = MemoryStore(3)
+    runner = runner_for(store, blocking, 1, is_async=False)
+    run = asyncio.ensure_future(runner.run())
+    await asyncio.wait_for(asyncio.to_thread(entered.wait, 30), TIMEOUT)
+    runner.force_cancel()
+    for _ in range(20):
         await asyncio.sleep(0)
-
-    store = CrashingStore(10)
-    store.reserve_target = 2
-    with pytest.raises(ExceptionGroup):
-        await asyncio.wait_for(runner_for(store, quick, 2).run(), TIMEOUT)
-    assert store.closed
-
-
-async def test_a_worker_share_frees_the_slots_above_it_and_handovers_resume_at_it() -> None:
-    """Another worker waits for the cap (the store reports a share of 2): of 4 running items,
-    the first two to finish are not replaced; after that every finished item is again."""
-    gates = {i: asyncio.Event() for i in range(40)}
-    running: set[int] = set()
-    peak_after_share = 0
-
-    async def held(params: dict[str, Any], ctx: ItemContext) -> None:
-        nonlocal peak_after_share
-        running.add(params["i"])
-        if store.share is not None:
-            peak_after_share = max(peak_after_share, len(running))
-        await gates[params["i"]].wait()
-        running.discard(params["i"])
-
-    store = ReservingStore(40)
-    store.share = None
-    runner = runner_for(store, held, 4)
-    task = asyncio.create_task(runner.run())
-    async with asyncio.timeout(TIMEOUT):
-        while len(running) < 4:
-            await asyncio.sleep(0)
-        store.share = 2
-        for i in sorted(running)[:2]:  # two finish: their slots go, nothing replaces them
-            gates[i].set()
-            while i in running:
-                await asyncio.sleep(0)
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert len(running) == 2 and runner.parallel == 2
-        handed_before = sum(1 for kind, _ in store.events if kind == "handover")
-        first = min(running)
-        gates[first].set()  # at the share now: this one is replaced by a reserved item
-        while first in running:
-            await asyncio.sleep(0)
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert len(running) == 2
-        assert sum(1 for kind, _ in store.events if kind == "handover") == handed_before + 1
-        store.share = None  # the other worker got its slots: back to the full cap
-        for gate in gates.values():
-            gate.set()
-        await task
-    assert peak_after_share <= 2
-    assert runner.parallel == 4
-    assert store.count(ItemStatus.SUCCEEDED) == 40
+    assert not run.done() and runner.running_item_ids == [0]  # still holds its slot
+    assert store.started == [0]
+    release.set()
+    await asyncio.wait_for(run, TIMEOUT)
+    assert store.outcomes[0].status == ItemStatus.CANCELLED and store.started == [0]

@@ -10,7 +10,7 @@ import pytest
 from django.utils import timezone
 
 from batch import services
-from batch.models import BatchPermit, BatchJob, BatchJobItem, BatchStatus, BatchWorker, ItemStatus
+from batch.models import BatchJob, BatchJobItem, BatchPermit, BatchStatus, BatchWorker, ItemStatus
 from batch.services import CancelOutcome, Outcome, SubmitError
 
 pytestmark = pytest.mark.django_db

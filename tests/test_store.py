@@ -1,165 +1,191 @@
-"""GroupCommit: a value the database refuses fails only its own item."""
+"""DatabaseStore (group commit, held items) and the step it writes (both databases)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import uuid
+from typing import Any
 
 import pytest
 from django.db import DataError, ProgrammingError
 
-from batch.models import ItemStatus
-from batch.services import Claim, ClaimedItem, Outcome, Step
-from batch.store import MAX_RESERVED, DatabaseStore, GroupCommit
+from batch import services
+from batch.models import BatchJob, BatchJobItem, ItemStatus
+from batch.services import ClaimedItem, Outcome, Start, Step, StepResult
+from batch.store import DatabaseStore
 
 
-async def test_a_refused_outcome_fails_alone_and_the_claim_still_happens() -> None:
+def fake_store(write: Any) -> DatabaseStore:
+    store = DatabaseStore(batch_id=uuid.uuid4(), worker_id="w1", lease_seconds=30)
+    store._write = write  # type: ignore[method-assign]
+    return store
+
+
+async def test_a_refused_outcome_fails_alone_and_the_rest_of_the_step_happens() -> None:
     written: list[Outcome] = []
-    claimed: list[int] = []
+    fetched: list[int] = []
 
-    def write(step: Step) -> Claim:
-        outcomes, limit = step.outcomes, step.claim
-        if (len(outcomes) > 1 and any(o.error == "poison" for o in outcomes)) or [o.error for o in outcomes] == [
-            "poison"
-        ]:
+    def write(step: Step) -> StepResult:
+        if any(o.error == "poison" for o in step.outcomes):
             raise DataError("invalid byte sequence")
-        written.extend(outcomes)
-        claimed.append(limit)
-        return Claim(items=[], pending=0, status="running")
+        written.extend(step.outcomes)
+        fetched.append(step.fetch)
+        return StepResult(fetched=[], status="running")
 
-    commit = GroupCommit(write)
+    store = fake_store(write)
     good = [Outcome(1, ItemStatus.SUCCEEDED), Outcome(3, ItemStatus.SUCCEEDED)]
     bad = Outcome(2, ItemStatus.FAILED, error="poison")
     async with asyncio.timeout(10), asyncio.TaskGroup() as group:
         for outcome in (good[0], bad, good[1]):
-            group.create_task(commit.submit([outcome]))
-        group.create_task(commit.claim(4))
+            group.create_task(store.complete([outcome]))
+        group.create_task(store.refill())
     by_id = {o.item_id: o for o in written}
     assert by_id[1].status == by_id[3].status == ItemStatus.SUCCEEDED
-    assert by_id[2].status == ItemStatus.FAILED
-    assert "could not be stored" in by_id[2].error
-    assert 4 in claimed
-
-
-async def test_a_claim_whose_caller_was_cancelled_is_given_back() -> None:
-    writing, proceed = threading.Event(), threading.Event()
-    released: list[list[int]] = []
-
-    def write(step: Step) -> Claim:
-        writing.set()
-        proceed.wait(10)
-        return Claim(items=[ClaimedItem(id=7, index=0, params={}, attempt=1)], pending=0, status="running")
-
-    async def release(item_ids: list[int]) -> None:
-        released.append(item_ids)
-
-    commit = GroupCommit(write, release=release)
-    caller = asyncio.create_task(commit.claim(1))
-    await asyncio.to_thread(writing.wait, 10)
-    caller.cancel()
-    proceed.set()
-    async with asyncio.timeout(10):
-        while not released:
-            await asyncio.sleep(0.01)
-    assert released == [[7]]
-    assert caller.cancelled()
+    assert by_id[2].status == ItemStatus.FAILED and "could not be stored" in by_id[2].error
+    assert max(fetched) >= 1  # the refill still fetched
 
 
 async def test_queued_outcomes_are_written_by_flush_and_a_lasting_failure_surfaces() -> None:
     written: list[int] = []
 
-    def write(step: Step) -> Claim:
+    def write(step: Step) -> StepResult:
         if any(o.item_id == 13 for o in step.outcomes):
             raise ProgrammingError("a bug, not a transient error")
         written.extend(o.item_id for o in step.outcomes)
-        return Claim(items=[], pending=0, status="running")
+        return StepResult(fetched=[], status="running")
 
-    commit = GroupCommit(write)
-    commit.enqueue([Outcome(1, ItemStatus.SUCCEEDED)])
-    commit.enqueue([Outcome(2, ItemStatus.SUCCEEDED)])
+    store = fake_store(write)
+    store.enqueue([Outcome(1, ItemStatus.SUCCEEDED)])
+    store.enqueue([Outcome(2, ItemStatus.SUCCEEDED)])
     async with asyncio.timeout(10):
-        await commit.flush()
+        await store.flush()
     assert written == [1, 2]
-    commit.enqueue([Outcome(13, ItemStatus.SUCCEEDED)])
+    store.enqueue([Outcome(13, ItemStatus.SUCCEEDED)])
     with pytest.raises(ProgrammingError):
         async with asyncio.timeout(10):
-            await commit.flush()
+            await store.flush()
     with pytest.raises(ProgrammingError):
-        commit.enqueue([Outcome(14, ItemStatus.SUCCEEDED)])
+        store.enqueue([Outcome(14, ItemStatus.SUCCEEDED)])
 
 
-# --- how many a write reserves (DatabaseStore's plan; no database) ---------------------------
+async def test_an_outcome_is_written_no_later_than_the_start_of_the_item_that_took_its_slot() -> None:
+    steps: list[Step] = []
+
+    def write(step: Step) -> StepResult:
+        steps.append(step)
+        return StepResult(fetched=[], status="running")
+
+    store = fake_store(write)
+    store._held.append(ClaimedItem(id=2, index=1, params={}, attempt=1))
+    store.enqueue([Outcome(1, ItemStatus.SUCCEEDED)])  # item 1 finished ...
+    assert store.take() is not None  # ... and item 2 took its slot
+    async with asyncio.timeout(10):
+        await store.flush()
+    first_start = next(n for n, s in enumerate(steps) if s.started)
+    first_outcome = next(n for n, s in enumerate(steps) if s.outcomes)
+    assert first_outcome <= first_start
 
 
-def _store(*, held: int, target: int, depth: int = 0, rate: float, write_seconds: float) -> DatabaseStore:
-    store = DatabaseStore(batch_id=uuid.uuid4(), worker_id="w1", lease_seconds=30)
-    store._reserved.extend(ClaimedItem(id=i, index=i, params={}, attempt=1) for i in range(held))
-    store.reserve_target, store.reserve_depth, store.start_rate = target, depth, rate
-    store._write_seconds = write_seconds
-    return store
+async def test_items_fetched_while_closing_go_back() -> None:
+    item = ClaimedItem(id=5, index=0, params={}, attempt=1)
+    steps: list[Step] = []
+    writing, proceed = threading.Event(), threading.Event()
+
+    def write(step: Step) -> StepResult:
+        steps.append(step)
+        writing.set()
+        proceed.wait(10)
+        return StepResult(fetched=[item] if step.fetch else [], status="running")
+
+    store = fake_store(write)
+    store.hold_target = 4
+    store.enqueue([Outcome(1, ItemStatus.SUCCEEDED)])  # a write that fetches ...
+    await asyncio.to_thread(writing.wait, 10)
+    closing = asyncio.ensure_future(store.close())  # ... closes while it is in flight
+    await asyncio.sleep(0)
+    proceed.set()
+    async with asyncio.timeout(10):
+        await closing
+    assert steps[0].fetch == 4
+    assert store.held_item_ids() == [] and [5] in [s.give_back for s in steps]
 
 
-def _planned(store: DatabaseStore, claim: int = 0) -> Step:
-    step = Step(claim=claim)
-    store._plan(step)
-    return step
+# --- the step on the real database (SQLite and PostgreSQL) ----------------------------------
 
 
-def test_slow_items_are_topped_up_to_the_target_only() -> None:
-    # 4 running items of 50 ms, writes of 5 ms: none of the 3 held will have started meanwhile.
-    store = _store(held=3, target=4, rate=4 / 0.05, write_seconds=0.005)
-    assert _planned(store).reserve == 1
+def step(batch: BatchJob, worker: str = "w1", **parts: Any) -> StepResult:
+    return services.run_step(batch_id=batch.pk, worker_id=worker, lease_seconds=30, step=Step(**parts))
 
 
-def test_instant_items_get_a_full_set_to_run_while_the_held_ones_are_used_up() -> None:
-    # They start 100,000 a second; in a 10 ms write all 200 held go.
-    store = _store(held=200, target=256, rate=100_000, write_seconds=0.01)
-    assert _planned(store).reserve == 256
+def statuses(batch: BatchJob) -> dict[int, tuple[str, str]]:
+    return {i.index: (i.status, i.lease_owner) for i in BatchJobItem.objects.filter(batch=batch)}
 
 
-def test_a_worker_never_holds_more_than_the_most_reserved() -> None:
-    store = _store(held=MAX_RESERVED - 10, target=256, rate=100_000, write_seconds=0.01)
-    assert _planned(store).reserve == 10
-    store = _store(held=MAX_RESERVED, target=256, depth=64, rate=100_000, write_seconds=0.01)
-    step = _planned(store, claim=4)
-    assert (step.reserve, step.reserve_per_claim) == (0, 0)
+@pytest.mark.django_db
+def test_fetch_holds_items_in_index_order_without_starting_them(submit: Any) -> None:
+    batch = submit("demo.noop", [{}] * 5)
+    got = step(batch, fetch=3).fetched
+    assert [i.index for i in got] == [0, 1, 2] and [i.attempt for i in got] == [1, 1, 1]
+    assert statuses(batch)[0] == ("pending", "w1") and statuses(batch)[3] == ("pending", "")
+    assert step(batch, worker="w2", fetch=5).fetched[0].index == 3  # held items are not fetched twice
+    batch.refresh_from_db()
+    assert (batch.status, batch.running_items) == ("pending", 0)
 
 
-def test_a_claim_reserves_for_the_items_it_starts_within_one_writes_top_up() -> None:
-    # Nothing runs (every slot is free): no target, but each claimed item gets its depth.
-    store = _store(held=0, target=0, depth=64, rate=0.0, write_seconds=0.01)
-    step = _planned(store, claim=4)
-    assert (step.reserve, step.reserve_per_claim) == (0, 64)
-    store = _store(held=0, target=0, depth=64, rate=0.0, write_seconds=0.01)
-    step = _planned(store, claim=32)
-    assert step.reserve_per_claim * 32 <= MAX_RESERVED // 2
+@pytest.mark.django_db
+def test_starts_and_outcomes_move_counters_by_deltas_and_finish_the_batch(submit: Any) -> None:
+    batch = submit("demo.noop", [{}] * 2)
+    items = step(batch, fetch=2).fetched
+    result = step(batch, started=[Start(i.id) for i in items])
+    assert result.status == "running"
+    result = step(batch, outcomes=[Outcome(items[0].id, ItemStatus.SUCCEEDED), Outcome(items[1].id, ItemStatus.FAILED)])
+    batch.refresh_from_db()
+    assert result.status == batch.status == "failed"
+    assert (batch.running_items, batch.succeeded_items, batch.failed_items) == (0, 1, 1)
+    assert batch.started_at is not None and batch.finished_at is not None
 
 
-async def test_one_slow_write_does_not_inflate_the_reservations_of_slow_items() -> None:
-    """A write that waited out a database outage (retries) must not make the worker reserve
-    for seconds of work afterwards (found in review: 16 slots of 100 ms items held 71)."""
-    store = _store(held=0, target=16, depth=1, rate=16 / 0.1, write_seconds=0.0)
-    next_id, consumed, peak = 0, 0.0, 0
+@pytest.mark.django_db
+def test_a_retried_step_after_a_lost_reply_leaves_no_phantom_running_item(submit: Any) -> None:
+    """The first write committed but its reply was lost; the worker writes the same step again.
+    The start must be accepted again (the item runs here), not refused (which would drop the
+    run and leave the item running in the database until its lease expired)."""
+    batch = submit("demo.noop", [{}] * 2)
+    first, second = step(batch, fetch=2).fetched
+    parts = {"started": [Start(first.id), Start(second.id)], "outcomes": [Outcome(first.id, ItemStatus.SUCCEEDED)]}
+    step(batch, **parts)  # committed; the reply was lost
+    again = step(batch, **parts)  # the retry
+    assert again.refused == [first.id]  # finished already: nothing runs here for it
+    assert second.id not in again.refused  # still running here, accepted
+    step(batch, outcomes=[Outcome(second.id, ItemStatus.SUCCEEDED)])
+    batch.refresh_from_db()
+    assert (batch.status, batch.succeeded_items, batch.running_items) == ("succeeded", 2, 0)
 
-    async def write(seconds: float) -> None:
-        nonlocal next_id, consumed
-        step = Step()
-        store._plan(step)
-        store._write_began -= seconds
-        new = [ClaimedItem(id=next_id + k, index=0, params={}, attempt=1) for k in range(step.reserve)]
-        next_id += step.reserve
-        await store._settle(step, Claim(items=[], pending=10_000, status="running", reserved=new))
-        consumed += store.start_rate * seconds  # handovers while it was in flight
-        while consumed >= 1 and store._reserved:
-            store._reserved.popleft()
-            consumed -= 1
-        consumed = min(consumed, 1.0)
 
-    for _ in range(20):
-        await write(0.01)
-    await write(5.0)
-    for _ in range(60):
-        await write(0.01)
-        peak = max(peak, len(store._reserved))
-    assert peak <= 2 * 16
+@pytest.mark.django_db
+def test_a_start_of_an_item_whose_lease_was_lost_is_refused(submit: Any) -> None:
+    batch = submit("demo.noop", [{}])
+    (item,) = step(batch, fetch=1).fetched
+    BatchJobItem.objects.filter(pk=item.id).update(lease_owner="w2")  # recovered and taken by w2
+    assert step(batch, started=[Start(item.id)]).refused == [item.id]
+    assert step(batch, outcomes=[Outcome(item.id, ItemStatus.SUCCEEDED)]).status is None  # discarded
+    assert statuses(batch)[0] == ("pending", "w2")
+
+
+@pytest.mark.django_db
+def test_held_items_given_back_in_a_cancelling_batch_are_cancelled(submit: Any) -> None:
+    batch = submit("demo.noop", [{}] * 3)
+    held = step(batch, fetch=2).fetched
+    services.request_cancel(batch_id=batch.pk)  # cancels the one nobody holds
+    result = step(batch, give_back=[i.id for i in held])
+    batch.refresh_from_db()
+    assert result.status == batch.status == "cancelled" and batch.cancelled_items == 3
+
+
+@pytest.mark.django_db
+def test_a_cancelled_batch_fetches_nothing(submit: Any) -> None:
+    batch = submit("demo.noop", [{}] * 3)
+    step(batch, fetch=1)
+    services.request_cancel(batch_id=batch.pk)
+    assert step(batch, fetch=5).fetched == []
