@@ -114,7 +114,7 @@ async def test_cooperative_cancel_stops_running_items_and_starts_no_more() -> No
     await asyncio.wait_for(Probe.started.wait(), TIMEOUT)
     result = await sync_to_async(services.request_cancel)(batch_id=batch.id)
     assert result.batch is not None
-    # The first claim started 2 and reserved 2 (one per slot) for handovers: those stay with
+    # The worker started 2 and holds 2 more (one per slot) to start next: those stay with
     # the worker, which gives them back cancelled; the other 16 pending are cancelled at once.
     assert (result.batch.status, result.batch.cancelled_items) == (BatchStatus.CANCELLING, 16)
     await asyncio.wait_for(worker, TIMEOUT)
@@ -210,7 +210,7 @@ async def test_a_signal_during_the_dispatch_query_starts_no_new_run() -> None:
     worker = Worker(config(exit_when_idle=False))
     worker.stop()
     async with asyncio.TaskGroup() as group:
-        worker._start(group, batch.id, "demo.noop", 4)
+        await worker._start(group, batch.id, "demo.noop", None)
     assert worker.runners == {}
 
 
