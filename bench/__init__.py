@@ -5,4 +5,8 @@ database, measures from the outside (wall clock, /proc, pg_stat_activity) and re
 numbers; `bench.report` turns repetitions into medians and min-max, JSON and Markdown.
 """
 
-SCENARIOS = ["noop", "sleep", "cancel", "memory", "connections", "submit", "scale", "scale16"]
+SCENARIOS = ["noop", "sleep", "cancel", "memory", "connections", "submit", "scale", "scale16", "io", "sleep-io", "cpu"]
+
+NEEDS_REDIS = {"io", "sleep-io"}  # their handlers' local service
+SIZABLE = ["cancel", "cpu", "io", "noop", "sleep", "sleep-io"]
+"""Scenarios whose size is one item count (cancel: a number of cancels), which `--size NAME=N` sets."""

@@ -18,7 +18,8 @@ from typing import Any, Protocol
 
 from batch import services
 from batch.models import BatchJob, BatchStatus
-from bench.harness import ROOT, database_url
+from bench import harness
+from bench.harness import database_url
 
 # The suite submits and cancels faster than the default per-user throttles allow.
 UNTHROTTLED = {
@@ -123,7 +124,7 @@ def api_client(timeout: float = 60.0) -> Iterator[ApiClient]:
     with log.open("wb") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "batchsite.asgi:application"],
-            cwd=ROOT,
+            cwd=harness.WORKER_ROOT,  # `-m daphne` imports batchsite from its working directory
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

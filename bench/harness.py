@@ -20,11 +20,13 @@ from django.db import connection
 
 from batch.models import TERMINAL_BATCH_STATUSES, BatchJob, BatchWorker
 from batchsite.env import current_database_url
+from bench.handlers import REDIS_URL_ENV, counter_key, redis_url
 
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+WORKER_ROOT = ROOT  # the checkout whose engine the workers and API server run (`--repo`)
 
 
 database_url = current_database_url  # the workers it starts use this process's database
@@ -37,11 +39,25 @@ def is_postgres() -> bool:
 # --- /proc ----------------------------------------------------------------------------------
 
 
+def _stat_fields(stat: Path) -> list[str]:
+    raw = stat.read_text()
+    return raw[raw.rindex(")") + 2 :].split()
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc/<pid>/stat."""
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    """User + system CPU time of a process (all its threads) and of its children, from
+    /proc: live children by their own stat, reaped ones through the parent's cutime +
+    cstime. A pool of handler processes does the worker's work, so it counts as the worker's."""
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    total = sum(int(x) for x in fields[11:15])
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            child = _stat_fields(stat)
+        except OSError:  # the process ended
+            continue
+        if child[1] == str(pid):
+            total += int(child[11]) + int(child[12])
+    return total / CLOCK_TICKS
 
 
 def postgres_cpu_seconds() -> float:
@@ -102,7 +118,9 @@ class WorkerSpec:
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
-_RUNBATCH = [sys.executable, str(ROOT / "manage.py"), "runbatch", "--progress", "never"]
+def manage_py(*args: str) -> list[str]:
+    """The command running `manage.py args` of WORKER_ROOT with this checkout's bench handlers."""
+    return [sys.executable, str(ROOT / "bench" / "launch.py"), str(WORKER_ROOT), *args]
 
 
 def start_worker(spec: WorkerSpec, log_dir: Path) -> WorkerProcess:
@@ -117,14 +135,16 @@ def start_worker(spec: WorkerSpec, log_dir: Path) -> WorkerProcess:
         "DJANGO_DEBUG": "0",
         "DJANGO_SECRET_KEY": "bench-" + "x" * 50,
         "PYTHONUNBUFFERED": "1",
+        "BATCH_HANDLER_MODULES": "bench.handlers",
+        REDIS_URL_ENV: redis_url(),
         **spec.extra_env,
     }
     env.pop("DATABASE_TEST_NAME", None)
     log_path = log_dir / f"{tag}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [*_RUNBATCH, "--concurrency", str(spec.concurrency), "--worker-id", tag],
-            cwd=ROOT,
+            manage_py("runbatch", "--progress", "never", "--concurrency", str(spec.concurrency), "--worker-id", tag),
+            cwd=WORKER_ROOT,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -269,3 +289,42 @@ class ConnectionSampler:
                 self.peak = max(self.peak, int(row[0]) if row else 0)
                 self.samples += 1
                 self._stop.wait(self.interval)
+
+
+# --- Redis (the local service of `io` and `sleep-io`) ---------------------------------------
+
+
+def take_round_trips(batch_id: uuid.UUID) -> int:
+    """How many round trips the handlers of `batch_id` made (their counter), and drop it."""
+    import redis
+
+    with redis.Redis.from_url(redis_url()) as client:
+        key = counter_key(batch_id)
+        count = int(client.get(key) or 0)
+        client.delete(key)
+    return count
+
+
+def round_trip_seconds(samples: int = 200) -> float:
+    """Median time of one INCR from an asyncio client on this machine, as a handler does it."""
+    import asyncio
+    import statistics
+
+    import redis.asyncio as aioredis
+
+    async def measure() -> float:
+        client = aioredis.Redis.from_url(redis_url())
+        key = counter_key("rtt")
+        try:
+            await client.incr(key)  # connect outside the timing
+            times = []
+            for _ in range(samples):
+                started = time.perf_counter()
+                await client.incr(key)
+                times.append(time.perf_counter() - started)
+            await client.delete(key)
+        finally:
+            await client.aclose()
+        return statistics.median(times)
+
+    return asyncio.run(measure())

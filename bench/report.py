@@ -16,6 +16,7 @@ from typing import Any
 import django
 from django.db import connection
 
+from bench import harness
 from bench.harness import ROOT
 
 Summary = dict[str, dict[str, float]]
@@ -64,6 +65,9 @@ TARGETS = [
     Target("submit", "big batch: seconds (median)", "<=", 5),
     Target("scale", "2 workers / 1 worker items/s (medians)", ">=", 1.6),
     Target("scale16", "2 workers / 1 worker items/s, each at concurrency 16 (medians)", ">=", 1.6),
+    Target("io", "cap 4: items/s (median)", ">=", 5000),
+    Target("sleep-io", "wall / ideal (median)", "<=", 1.03),
+    Target("cpu", "items/s at 4 / at 1, paired per run (median)", ">=", 1.7),
 ]
 
 
@@ -91,6 +95,9 @@ def _measured(scenario: str, cases: list[dict[str, Any]]) -> list[float | None]:
         "submit": [get(1, "submit_s")],
         "scale": [ratio(get(1, "items_per_s"), get(0, "items_per_s"))],
         "scale16": [ratio(get(1, "items_per_s"), get(0, "items_per_s"))],
+        "io": [get(0, "items_per_s")],
+        "sleep-io": [get(0, "ratio_to_ideal")],
+        "cpu": [get(0, "speedup")],
     }
     return table.get(scenario, [])
 
@@ -131,11 +138,16 @@ def _ram_gib() -> float:
     return 0.0
 
 
-def _git(*args: str) -> str:
+def _git(*args: str, cwd: Path = ROOT) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def _commit(cwd: Path) -> str:
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no", cwd=cwd))
+    return _git("rev-parse", "--short", "HEAD", cwd=cwd) + ("+dirty" if dirty else "")
 
 
 def environment() -> dict[str, Any]:
@@ -145,7 +157,6 @@ def environment() -> dict[str, Any]:
         with connection.cursor() as cursor:
             cursor.execute("SHOW server_version")
             database = f"PostgreSQL {cursor.fetchone()[0]}"
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
@@ -155,7 +166,10 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "django": django.get_version(),
         "database": database,
-        "commit": _git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else ""),
+        "commit": _commit(ROOT),
+        # The engine measured: the checkout the workers and API server run (`--repo`).
+        "engine_repo": str(harness.WORKER_ROOT),
+        "engine_commit": _commit(harness.WORKER_ROOT),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
@@ -185,6 +199,23 @@ _SHOWN = {
     "submit": ["submit_s", "items_per_s"],
     "scale": _SCALE_METRICS,
     "scale16": _SCALE_METRICS,
+    "io": [
+        "items_per_s",
+        "run_items_per_s",
+        "worker_cpu_us_per_item",
+        "postgres_cpu_us_per_item",
+        "machine_cores_busy",
+    ],
+    "sleep-io": ["wall_s", "ideal_s", "ratio_to_ideal", "rtt_us"],
+    "cpu": [
+        "p1_items_per_s",
+        "p4_items_per_s",
+        "speedup",
+        "p1_worker_cpu_us_per_item",
+        "p4_worker_cpu_us_per_item",
+        "p4_worker_cores",
+        "p4_machine_cores_busy",
+    ],
 }
 
 
@@ -196,12 +227,20 @@ def _fmt(value: float | None) -> str:
     return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
 
 
+def _engine(env: dict[str, Any]) -> str:
+    """`; engine <commit> (<path>)` when the workers ran another checkout than the harness."""
+    if env.get("engine_repo", str(ROOT)) == str(ROOT):
+        return ""
+    return f"; engine {env['engine_commit']} ({env['engine_repo']})"
+
+
 def markdown(document: dict[str, Any]) -> str:
     env = document["environment"]
     lines = [
         f"Machine: {env['cpu']}, {env['cores']} cores, {env['ram_gib']} GiB RAM; load at start "
         f"{', '.join(f'{x:.2f}' for x in env['loadavg_at_start'])}",
-        f"Versions: Python {env['python']}, Django {env['django']}, {env['database']}; commit {env['commit']}; "
+        f"Versions: Python {env['python']}, Django {env['django']}, {env['database']}; commit {env['commit']}"
+        f"{_engine(env)}; "
         f"{env['date']}; submit/cancel via {document['via']}",
         "",
         "| scenario | case | metric | median | min - max | p99 | runs |",

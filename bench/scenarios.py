@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import uuid
@@ -12,6 +13,8 @@ from typing import Any
 
 from batch import services
 from batch.models import BatchJob, BatchStatus
+from bench import SIZABLE
+from bench import handlers as _handlers  # noqa: F401  (registers bench.*: a submit validates items)
 from bench.client import Client
 from bench.harness import (
     ConnectionSampler,
@@ -23,7 +26,9 @@ from bench.harness import (
     peak_rss_mib,
     postgres_cpu_seconds,
     reset_tables,
+    round_trip_seconds,
     running_workers,
+    take_round_trips,
     wait_running,
     wait_terminal,
 )
@@ -206,21 +211,96 @@ def _submit(items: int) -> RunCase:
     return run
 
 
+def _io(items: int, cap: int) -> RunCase:
+    """`bench.io`: each item awaits one Redis round trip; `round_trips` counts them."""
+
+    def run(client: Client, repeat: int) -> list[Metrics]:
+        results = []
+        for _ in range(repeat):
+            reset_tables()
+            with running_workers([_spec(cap)]) as procs:
+                metrics, batch_id = _measure_batch(procs, handler="bench.io", items=_noop_items(items), cap=cap)
+            results.append({**metrics, "round_trips": float(take_round_trips(batch_id))})
+        return results
+
+    return run
+
+
+def _sleep_io(items: int, seconds: float, cap: int) -> RunCase:
+    """`bench.sleep_io` (round trip, sleep, round trip); ideal: ceil(items / cap) rounds of
+    the sleep plus two round trips as this process measures them just before."""
+
+    def run(client: Client, repeat: int) -> list[Metrics]:
+        results = []
+        for _ in range(repeat):
+            reset_tables()
+            with running_workers([_spec(cap)]) as procs:
+                rtt = round_trip_seconds()
+                ideal = math.ceil(items / cap) * (seconds + 2 * rtt)
+                params = [{"seconds": seconds} for _ in range(items)]
+                metrics, batch_id = _measure_batch(procs, handler="bench.sleep_io", items=params, cap=cap)
+            trips = float(take_round_trips(batch_id))
+            results.append(
+                {**metrics, "ideal_s": ideal, "ratio_to_ideal": metrics["wall_s"] / ideal, "rtt_us": rtt * 1e6}
+                | {"round_trips": trips}
+            )
+        return results
+
+    return run
+
+
+def _forecast_items(count: int) -> list[dict[str, Any]]:
+    return [{"store": f"S{i % 50:02d}", "product": f"P{i:05d}", "horizon": 28} for i in range(count)]
+
+
+def _cpu(items: int, cap: int) -> RunCase:
+    """`demo.forecast` (sync, CPU-bound) at parallel 1 and at `cap` on one worker, one after
+    the other in each repetition (a pair close in time, so drift hits both); `speedup` is their
+    ratio. An unrecorded warm-up batch first starts whatever pool runs sync handlers."""
+
+    def run(client: Client, repeat: int) -> list[Metrics]:
+        results = []
+        for _ in range(repeat):
+            reset_tables()
+            with running_workers([_spec(cap)]) as procs:
+                _measure_batch(procs, handler="demo.forecast", items=_forecast_items(cap * 2), cap=cap)
+                serial, _ = _measure_batch(procs, handler="demo.forecast", items=_forecast_items(items), cap=1)
+                parallel, _ = _measure_batch(procs, handler="demo.forecast", items=_forecast_items(items), cap=cap)
+            results.append(
+                {f"p1_{name}": value for name, value in serial.items()}
+                | {f"p{cap}_{name}": value for name, value in parallel.items()}
+                | {
+                    "speedup": parallel["items_per_s"] / serial["items_per_s"],
+                    f"p{cap}_worker_cores": parallel["worker_cpu_us_per_item"] * parallel["items_per_s"] / 1e6,
+                    "succeeded": serial["succeeded"] + parallel["succeeded"],
+                    "items": serial["items"] + parallel["items"],
+                }
+            )
+        return results
+
+    return run
+
+
 # --- the catalogue --------------------------------------------------------------------------
 
-FULL = {"noop": 10_000, "sleep": 200, "cancel": 20, "memory": (1_000, 100_000), "submit": (10_000, 100_000)}
-QUICK = {"noop": 200, "sleep": 8, "cancel": 2, "memory": (100, 1_000), "submit": (100, 1_000)}
+Sizes = dict[str, Any]
+FULL: Sizes = {"noop": 10_000, "sleep": 200, "cancel": 20, "memory": (1_000, 100_000), "submit": (10_000, 100_000)}
+FULL |= {"io": 10_000, "sleep-io": 200, "cpu": 2_000}
+QUICK: Sizes = {"noop": 200, "sleep": 8, "cancel": 2, "memory": (100, 1_000), "submit": (100, 1_000)}
+QUICK |= {"io": 50, "sleep-io": 8, "cpu": 8}
+assert sorted(name for name, size in FULL.items() if isinstance(size, int)) == SIZABLE
 
 
-def build(*, quick: bool, repeat: int | None) -> dict[str, list[Case]]:
-    """Every scenario's cases, at full size (default repetitions 5, 3 for heavy ones) or quick."""
-    size = QUICK if quick else FULL
+def build(*, quick: bool, repeat: int | None, sizes: Sizes | None = None) -> dict[str, list[Case]]:
+    """Every scenario's cases, at full size (default repetitions 5, 3 for heavy ones) or quick;
+    `sizes` overrides single item counts (`{"io": 5}`)."""
+    size = (QUICK if quick else FULL) | (sizes or {})
 
     def reps(default: int) -> int:
         return 1 if quick and repeat is None else (repeat or default)
 
     noop, (mem_small, mem_big), (sub_small, sub_big) = size["noop"], size["memory"], size["submit"]
-    sleep_items = size["sleep"]
+    sleep_items, io, sleep_io, cpu = size["sleep"], size["io"], size["sleep-io"], size["cpu"]
     cancels = size["cancel"] if repeat is None else repeat
     return {
         "noop": [
@@ -229,6 +309,19 @@ def build(*, quick: bool, repeat: int | None) -> dict[str, list[Case]]:
         ],
         "sleep": [
             Case("sleep", "4", _sleep(sleep_items, 0.05, 4), reps(5), f"{sleep_items} x 50 ms demo.sleep at 4"),
+        ],
+        "io": [Case("io", "cap 4", _io(io, 4), reps(5), f"{io} bench.io (one Redis round trip), global cap 4")],
+        "sleep-io": [
+            Case(
+                "sleep-io",
+                "4",
+                _sleep_io(sleep_io, 0.05, 4),
+                reps(5),
+                f"{sleep_io} bench.sleep_io (round trip, 50 ms sleep, round trip) at 4",
+            )
+        ],
+        "cpu": [
+            Case("cpu", "p4 / p1", _cpu(cpu, 4), reps(3), f"{cpu} demo.forecast at parallel 1, then at 4 (one worker)")
         ],
         "cancel": [Case("cancel", "4 running", _cancel(4, 4), cancels, "cancel a batch with 4 cooperative sleeps")],
         "memory": [

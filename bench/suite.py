@@ -15,13 +15,19 @@ logger = logging.getLogger(__name__)
 
 
 def run_suite(
-    scenarios: list[str] | None, *, quick: bool = False, repeat: int | None = None, via: str = "api"
+    scenarios: list[str] | None,
+    *,
+    quick: bool = False,
+    repeat: int | None = None,
+    via: str = "api",
+    sizes: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Every case of the chosen scenarios (default all), each repeated; summaries and targets.
 
     `via`: "api" submits and cancels through a real API server, "services" calls services.
+    `sizes`: item counts instead of the catalogue's (`{"io": 5}`).
     """
-    catalogue = build(quick=quick, repeat=repeat)
+    catalogue = build(quick=quick, repeat=repeat, sizes=sizes)
     with api_client() if via == "api" else service_client() as client:
         results = _run(catalogue, client, scenarios or SCENARIOS)
     reset_tables()
@@ -29,6 +35,7 @@ def run_suite(
         "environment": report.environment(),
         "quick": quick,
         "via": client.via,
+        "sizes": sizes or {},
         "results": results,
         "targets": report.evaluate(results),
     }
