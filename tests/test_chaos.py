@@ -38,7 +38,16 @@ def in_flight(events: list[Event], worker: str) -> set[int]:
 def test_sigkill_of_one_worker_its_items_are_retried_by_the_others(cluster: Cluster, record_property: Any) -> None:
     cluster.start_many(3, **SPREAD)
     batch = submit(90, 0.4, max_parallel=6)  # 3 workers x 2 slots: every worker runs items
-    wait_until(lambda: in_flight(cluster.events(), "w2"), timeout=15, what="w2 to run an item")
+    w2 = cluster.worker_id("w2")
+
+    def running_on_w2() -> bool:  # its start written (starts are written just after they happen)
+        started = in_flight(cluster.events(), "w2")
+        written = set(
+            BatchJobItem.objects.filter(batch=batch, status="running", lease_owner=w2).values_list("index", flat=True)
+        )
+        return bool(started) and started <= written
+
+    wait_until(running_on_w2, timeout=15, what="w2 to run an item")
 
     cluster.workers["w2"].send_signal(signal.SIGKILL)
     killed_at = time.time()

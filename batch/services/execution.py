@@ -217,13 +217,16 @@ def _apply_counters(batch_id: uuid.UUID, *, started: int, finished: Sequence[str
             " status = CASE WHEN status = %s AND %s > 0 THEN %s ELSE status END,"
             " started_at = CASE WHEN started_at IS NULL AND %s > 0 THEN %s ELSE started_at END, updated_at = %s"
             " WHERE id = %s"
-            " RETURNING status, total_items, running_items, succeeded_items, failed_items, cancelled_items",
-            params,
+            " RETURNING status, total_items, running_items, succeeded_items, failed_items, cancelled_items,"
+            " CASE WHEN started_at = %s THEN 1 ELSE 0 END",
+            [*params, now],
         )
         row = cursor.fetchone()
         if row is None:
             return BatchStatus.CANCELLED  # deleted meanwhile
-        status, total, running, ok, bad, cancelled_now = row
+        status, total, running, ok, bad, cancelled_now, began = row
+        if began and started:
+            logger.info("batch started", extra={"batch_id": str(batch_id)})
         if running or total != ok + bad + cancelled_now or status in TERMINAL_BATCH_STATUSES:
             return str(status)
         final = BatchStatus.CANCELLED if status == BatchStatus.CANCELLING else BatchStatus.FAILED
