@@ -117,3 +117,16 @@ def fail(params: dict[str, Any], ctx: ItemContext) -> None:
 @batch_handler("test.proc.noop")
 def noop(params: dict[str, Any], ctx: ItemContext) -> None:
     """Does nothing: what the pool itself costs per item."""
+
+
+@batch_handler("test.proc.beats")
+def beats(params: dict[str, Any], ctx: ItemContext) -> None:
+    """Ignores cancellation for `seconds` (default: for ever): appends `pid time` to the file
+    named `dir`/<index> about every millisecond, the way CPU-bound code without checkpoints runs."""
+    path = Path(params["dir"]) / str(ctx.index)
+    until = time.monotonic() + params.get("seconds", 3600)
+    with path.open("a") as out:
+        while time.monotonic() < until:
+            out.write(f"{os.getpid()} {time.time():.6f}\n")
+            out.flush()
+            time.sleep(0.001)

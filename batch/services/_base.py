@@ -215,7 +215,7 @@ def db_now() -> datetime:
     """The database's current time (hosts' clocks disagree; the database's is the one clock)."""
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            cursor.execute("SELECT now()")
+            cursor.execute("SELECT clock_timestamp()")
             value: datetime = cursor.fetchone()[0]
             return value
         cursor.execute("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")

@@ -16,11 +16,11 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Sum
 
 from batch.models import BatchJob, BatchPermit, BatchStatus
-from batch.services._base import db_now, lock_batch
+from batch.services._base import CONTROL_CHANNEL, db_now, lock_batch
 
 ACTIVE = (BatchStatus.PENDING, BatchStatus.RUNNING)
 
@@ -91,6 +91,8 @@ def _sync_one(worker_id: str, lease_seconds: float, request: PermitRequest) -> G
         wants[worker_id] = (request.demand, waiting or now)
         allowed = max(0, min(request.demand, fair_shares(cap, wants)[worker_id], room))
         permits = max(request.holding, allowed)
+        if allowed < request.demand and waiting is None and rows:
+            _ask_holders(batch.pk)  # it starts waiting: the holders sync now, not at their heartbeat
         if permits == 0 and request.demand == 0:
             if mine is not None:
                 mine.delete()
@@ -119,3 +121,10 @@ def _owner_room(batch: BatchJob, now: datetime, *, in_batch: int) -> int:
         or 0
     )
     return int(settings.BATCH_MAX_RUNNING_PER_OWNER) - elsewhere - in_batch
+
+
+def _ask_holders(batch_id: uuid.UUID) -> None:
+    """Wake the other workers of the batch (PostgreSQL; elsewhere they sync on their heartbeat)."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify(%s, %s)", [CONTROL_CHANNEL, f"permits:{batch_id}"])
