@@ -16,7 +16,7 @@ from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
-from django.urls import path
+from django.urls import path, reverse
 
 from batch import permissions
 from batch.handlers import registered_handlers
@@ -26,9 +26,10 @@ from batch.models import BatchJob
 def _config(**extra: Any) -> dict[str, Any]:
     return {
         "wsPath": "/ws/batches/",
-        "apiBatches": "/api/batches/",
-        "dashboardUrl": "/admin/batch/dashboard/",
-        "changeUrl": "/admin/batch/batchjob/",
+        # Wherever the project mounts the app's URLconfs (`batch.api.urls`, `batch.dashboard`).
+        "apiBatches": reverse("batch-list"),
+        "dashboardUrl": reverse("batch_dashboard"),
+        "changeUrl": reverse("admin:batch_batchjob_changelist"),
         "globalMaxParallel": settings.BATCH_GLOBAL_MAX_PARALLEL,
         "drainTimeout": settings.BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS,
         **extra,

@@ -9,6 +9,10 @@ most once per `FLUSH_INTERVAL` (0.25 s): it reads the current rows and publishes
 - up to `ITEMS_PER_FLUSH` (20) `item.updated` of its most recently changed items (failures
   first) to `batch.<id>`.
 
+The `batch.updated` sent to `batch.<id>` also carries `recent_durations`: `[item_id, seconds]`
+of every changed item that finished (succeeded or failed) since the last flush (up to
+`MAX_DIRTY_ITEMS`), so the dashboard's duration histogram is not limited to the 20 items.
+
 So each process sends at most 4 `batch.updated` per batch per second, whatever the item
 rate, and because every flush reads the rows after the last change it saw, the last message
 of a batch always carries its final state. Publishing never raises into the services: errors
@@ -134,7 +138,8 @@ class Publisher:
                 if items:
                     messages.append((batch_group(batch.pk), {"type": "batch.items", "items": items}))
                 payload = batch_payload(batch)
-                messages.append((batch_group(batch.pk), {"type": "batch.updated", "batch": payload}))
+                detail = {**payload, "recent_durations": _finished_durations(list(dirty[batch.pk]))}
+                messages.append((batch_group(batch.pk), {"type": "batch.updated", "batch": detail}))
                 messages.append((BATCHES_GROUP, {"type": "batch.updated", "batch": payload}))
             return messages
         finally:
@@ -156,6 +161,23 @@ class Publisher:
 async def _send_all(layer: Any, messages: list[Message]) -> None:
     for group, message in messages:
         await layer.group_send(group, message)
+
+
+def _finished_durations(item_ids: list[int]) -> list[list[float]]:
+    """`[item_id, seconds]` of the items of `item_ids` that ran and finished (succeeded or failed)."""
+    if not item_ids:
+        return []
+    rows = BatchJobItem.objects.filter(
+        pk__in=item_ids,
+        status__in=[ItemStatus.SUCCEEDED, ItemStatus.FAILED],
+        started_at__isnull=False,
+        finished_at__isnull=False,
+    ).values_list("pk", "started_at", "finished_at")
+    return [
+        [pk, round(max(0.0, (finished - started).total_seconds()), 4)]
+        for pk, started, finished in rows
+        if started is not None and finished is not None
+    ]
 
 
 def _changed_items(item_ids: list[int]) -> list[dict[str, Any]]:

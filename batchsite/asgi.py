@@ -1,8 +1,8 @@
 """ASGI entry point: HTTP through Django, WebSocket through `batch.routing`.
 
 HTTP bodies over DATA_UPLOAD_MAX_MEMORY_SIZE are refused before Django spools them
-(`bodylimit`). WebSockets authenticate with the Django session (AuthMiddlewareStack) and must
-come from an allowed host (AllowedHostsOriginValidator: the Origin header is checked against ALLOWED_HOSTS).
+(`bodylimit`). WebSockets (`batch.routing.websocket_application`) authenticate with the Django
+session and must come from an allowed host (the Origin header is checked against ALLOWED_HOSTS).
 """
 
 from __future__ import annotations
@@ -14,16 +14,14 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "batchsite.settings")
 django_application = get_asgi_application()  # sets Django up before the routes import models
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from channels.routing import ProtocolTypeRouter  # noqa: E402
 
-from batch.routing import websocket_urlpatterns  # noqa: E402
+from batch.routing import websocket_application  # noqa: E402
 from batchsite.bodylimit import BodySizeLimit  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": BodySizeLimit(django_application),
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        "websocket": websocket_application(),
     }
 )

@@ -136,3 +136,31 @@ def test_a_failing_flush_is_logged_and_dropped(
         loop.close()
     assert publisher._dirty == {}
     assert "publishing batch events failed" in caplog.text
+
+
+def test_batch_update_to_the_batch_group_carries_durations_of_the_items_that_finished(
+    submit: Callable[..., Any],
+) -> None:
+    from collections import OrderedDict
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from batch.models import BatchJob, BatchJobItem, ItemStatus
+
+    batch = submit("demo.noop", [{}] * 4)
+    items = list(BatchJobItem.objects.filter(batch=batch).order_by("index"))
+    start = timezone.now() - timedelta(seconds=10)
+    outcomes = [(ItemStatus.SUCCEEDED, 1.5), (ItemStatus.FAILED, 0.25), (ItemStatus.RUNNING, None)]
+    for item, (status, seconds) in zip(items, outcomes, strict=False):
+        finished = start + timedelta(seconds=seconds) if seconds is not None else None
+        BatchJobItem.objects.filter(pk=item.pk).update(status=status, started_at=start, finished_at=finished)
+    counters = {"running_items": 1, "succeeded_items": 1, "failed_items": 1}
+    BatchJob.objects.filter(pk=batch.pk).update(status=BatchStatus.RUNNING, **counters)  # the invariant holds
+
+    dirty = {batch.pk: OrderedDict.fromkeys(item.pk for item in items)}
+    messages = events.Publisher()._messages(dirty)
+    updates = {group: message["batch"] for group, message in messages if message["type"] == "batch.updated"}
+    durations = sorted(updates[events.batch_group(batch.pk)]["recent_durations"])
+    assert durations == [[items[0].pk, 1.5], [items[1].pk, 0.25]]  # running and pending items: none
+    assert "recent_durations" not in updates[events.BATCHES_GROUP]  # the overview needs no durations

@@ -200,3 +200,55 @@ def test_dashboard_shows_progress_live_and_resizes_and_cancels(page: Any, server
     page.wait_for_selector("[data-items] tr[data-status]")
     page.screenshot(path=str(ARTIFACTS / "dashboard-batch.png"), full_page=True)
     assert page.locator("[data-batch-card] [data-field=status]").inner_text().lower() == "cancelled"
+
+
+def seconds_of(text: str) -> float:
+    value, unit = text.split()
+    return float(value) / 1000 if unit == "ms" else float(value)
+
+
+def test_charts_plot_throughput_and_item_durations_mid_run(page: Any) -> None:
+    page.set_viewport_size({"width": 1280, "height": 900})
+    login(page)
+    row = submit_batch(page, name="charted", params='{"seconds": 0.3}', count=240)
+    overview_points = "document.querySelectorAll('[data-chart=overview-rate] circle.bd-pt').length"
+    page.wait_for_function(f"{overview_points} >= 3")
+    assert row.locator("[data-field=status]").inner_text().lower() == "running"
+    assert float(page.locator("[data-field=overall-rate]").inner_text().split()[0]) > 0  # items/s, all batches
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280  # nothing runs off at 1280 px
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-charts.png"), full_page=True)
+    page.emulate_media(color_scheme="dark")
+    page.screenshot(path=str(ARTIFACTS / "dashboard-charts-dark.png"), full_page=True)
+    page.emulate_media(color_scheme="light")
+
+    row.locator("[data-field=title]").click()
+    page.wait_for_selector("[data-conn][data-state=live]")
+    page.wait_for_function(
+        "document.querySelectorAll('[data-chart=rate] circle.bd-pt').length >= 2"
+        " && document.querySelectorAll('[data-chart=durations] rect.bd-hbar').length > 0"
+    )
+    card_status = page.locator("[data-batch-card] [data-field=status]")
+    assert card_status.inner_text().lower() == "running"
+    bars = page.locator("[data-chart=durations] rect.bd-hbar").count()
+    assert bars > 0
+    assert page.locator("[data-chart=durations] .bd-q-p50").count() == 1
+    assert page.locator("[data-chart=durations] .bd-q-p95").count() == 1
+    p50, p95 = (seconds_of(page.locator(f"[data-field={q}]").inner_text()) for q in ("p50", "p95"))
+    assert 0.25 <= p50 <= p95 < 2.0  # the items sleep 0.3 s each
+    assert int(page.locator("[data-field=sampled]").inner_text().replace(",", "")) > 0
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+    page.screenshot(path=str(ARTIFACTS / "dashboard-batch-charts.png"), full_page=True)
+    page.emulate_media(color_scheme="dark")
+    page.screenshot(path=str(ARTIFACTS / "dashboard-batch-charts-dark.png"), full_page=True)
+    page.emulate_media(color_scheme="light")
+    page.wait_for_function("document.querySelector('[data-batch-card] [data-field=status]').textContent == 'succeeded'")
+    # Every item finished after the page opened counts (batch.updated's recent_durations), not
+    # only the 20 item events per flush: with the snapshot's 50, well over 100 of the 240.
+    assert int(page.locator("[data-field=sampled]").inner_text().replace(",", "")) >= 100
+
+    page.goto("/admin/batch/batchjob/")  # the changelist's columns fit 1280 px (no sideways scroll)
+    results = page.locator("#changelist .results")
+    assert results.evaluate("node => node.scrollWidth <= node.clientWidth + 1")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+    page.screenshot(path=str(ARTIFACTS / "changelist.png"), full_page=True)

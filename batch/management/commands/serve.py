@@ -3,7 +3,7 @@
 The embedded default: with no REDIS_URL the channel layer lives in memory, so only a worker
 in the same process as the WebSocket consumers can reach the dashboard. This command runs
 both on one event loop. With Redis, `serve --no-worker` plus any number of `runbatch`
-workers is the production shape (or plain `daphne batchsite.asgi:application`).
+workers is the production shape (or plain `daphne <project>.asgi:application`).
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ class Command(BaseCommand):
         parser.add_argument("--concurrency", type=positive_int, help="items the embedded worker runs at once")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        from batchsite.asgi import application
+        from channels.routing import get_default_application
 
+        application = get_default_application()  # settings.ASGI_APPLICATION, the project's
         worker = None
         if not options["no_worker"]:
             worker = Worker(WorkerConfig.from_settings(handle_signals=False, concurrency=options["concurrency"]))

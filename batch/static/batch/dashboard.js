@@ -8,7 +8,11 @@
   const SEGMENTS = ["succeeded", "failed", "cancelled", "running"];
   const RATE_WINDOW_MS = 10000;
   const MAX_ITEMS = 50;
-  const batches = new Map(); // id -> {data, samples, el}
+  const batches = new Map(); // id -> {data, samples, el, series, lastDone}
+  const Charts = window.BatchCharts;
+  const overall = new Charts.RateSeries(); // items/s across all batches (overview)
+  const durations = new Map(); // item id -> seconds, finished items of this batch (batch page)
+  const MAX_DURATIONS = 20000;
 
   // --- small helpers ---------------------------------------------------------------------
 
@@ -263,19 +267,84 @@
     return !next.updated_at || !current.updated_at || Date.parse(next.updated_at) >= Date.parse(current.updated_at);
   }
 
-  function applyBatch(b) {
+  // `baseline`: a snapshot (first load or reconnect) sets the counters to compare with, so
+  // items that finished while the page was away do not show as one burst of throughput.
+  function applyBatch(b, baseline) {
     if (config.batchId && b.id !== config.batchId) return;
     let entry = batches.get(b.id);
     if (entry && !isNewer(b, entry.data)) return;
     if (!entry) {
       const element = config.batchId ? document.querySelector("[data-batch-card]") : newRow(b);
-      entry = { data: b, samples: [], el: element };
+      entry = { data: b, samples: [], el: element, series: new Charts.RateSeries(), lastDone: null };
       batches.set(b.id, entry);
       if (!config.batchId) placeRow(entry);
     }
     entry.data = b;
+    countThroughput(entry, baseline);
+    for (const [id, seconds] of b.recent_durations || []) addDuration(id, seconds);
     sample(entry);
     render(entry);
+    scheduleCharts();
+  }
+
+  function countThroughput(entry, baseline) {
+    const now = Date.now();
+    const done = processed(entry.data);
+    entry.series.start(now);
+    overall.start(now);
+    if (entry.lastDone !== null && !baseline && done > entry.lastDone) {
+      entry.series.add(done - entry.lastDone, now);
+      overall.add(done - entry.lastDone, now);
+    }
+    entry.lastDone = done;
+  }
+
+  // --- charts ------------------------------------------------------------------------------
+
+  function addDuration(id, seconds) {
+    if (!(seconds >= 0)) return;
+    durations.delete(id);
+    durations.set(id, seconds);
+    while (durations.size > MAX_DURATIONS) durations.delete(durations.keys().next().value);
+  }
+
+  function itemSeconds(item) {
+    if (!item.started_at || !item.finished_at || (item.status !== "succeeded" && item.status !== "failed")) return null;
+    return (Date.parse(item.finished_at) - Date.parse(item.started_at)) / 1000;
+  }
+
+  function renderCharts() {
+    const now = Date.now();
+    const overview = document.querySelector("[data-chart=overview-rate]");
+    if (overview) {
+      const points = Charts.drawRate(overview, overall, now);
+      const current = document.querySelector("[data-field=overall-rate]");
+      if (current) current.textContent = points.length ? points[points.length - 1][1].toFixed(1) + " items/s" : "–";
+    }
+    const entry = config.batchId && batches.get(config.batchId);
+    const rateBox = document.querySelector("[data-chart=rate]");
+    if (entry && rateBox) Charts.drawRate(rateBox, entry.series, now);
+    const histogram = document.querySelector("[data-chart=durations]");
+    if (histogram) {
+      const stats = Charts.drawHistogram(histogram, [...durations.values()]);
+      const text = (name, value) => {
+        const node = document.querySelector(`[data-field=${name}]`);
+        if (node) node.textContent = value;
+      };
+      text("p50", stats.p50 === null ? "–" : Charts.fmtSeconds(stats.p50));
+      text("p95", stats.p95 === null ? "–" : Charts.fmtSeconds(stats.p95));
+      text("sampled", fmtInt(stats.n));
+    }
+  }
+
+  let chartsDirty = false;
+  function scheduleCharts() {
+    if (chartsDirty) return;
+    chartsDirty = true;
+    requestAnimationFrame(() => {
+      chartsDirty = false;
+      renderCharts();
+    });
   }
 
   function placeRow(entry) {
@@ -337,6 +406,8 @@
   }
 
   function applyItem(item) {
+    const seconds = itemSeconds(item);
+    if (seconds !== null) addDuration(item.id, seconds);
     items.delete(item.id);
     items.set(item.id, item);
     while (items.size > MAX_ITEMS * 4) items.delete(items.keys().next().value);
@@ -356,8 +427,8 @@
 
   function onMessage(message) {
     if (message.type === "snapshot") {
-      for (const b of message.batches || []) applyBatch(b);
-      if (message.batch) applyBatch(message.batch);
+      for (const b of message.batches || []) applyBatch(b, true);
+      if (message.batch) applyBatch(message.batch, true);
       for (const item of [...(message.failures || [])].reverse()) applyItem(item);
       for (const item of [...(message.items || [])].reverse()) applyItem(item);
       if (config.batchId) scheduleItems();
@@ -366,6 +437,7 @@
     } else if (message.type === "item.updated" && config.batchId) {
       applyItem(message.item);
       scheduleItems();
+      scheduleCharts();
     }
   }
 
@@ -516,7 +588,9 @@
       sample(entry);
       renderTiming(entry);
     }
+    renderCharts(); // the window slides even when nothing arrives
   }, 1000);
+  window.addEventListener("resize", scheduleCharts);
 
   connect(config.batchId ? `${config.wsPath}${config.batchId}/` : config.wsPath);
 })();

@@ -1,0 +1,46 @@
+"""The app's settings and their defaults, for projects that install `batch` as a library.
+
+The engine reads `django.conf.settings.BATCH_*` directly; a host project that leaves one
+out gets the default below, installed on the settings object when the app loads
+(`BatchConfig.ready`). A value the project sets always wins. `batchsite/settings.py` reads
+the same names from the environment with the same defaults (`tests/test_conf.py` holds them
+equal).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+
+DEFAULTS: dict[str, Any] = {
+    # Parallelism and the worker (`runbatch`).
+    "BATCH_GLOBAL_MAX_PARALLEL": 4,
+    "BATCH_WORKER_CONCURRENCY": 16,
+    "BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS": 30.0,
+    "BATCH_MAX_ATTEMPTS": 3,
+    "BATCH_LEASE_SECONDS": 30.0,
+    "BATCH_HEARTBEAT_SECONDS": 10.0,
+    "BATCH_POLL_INTERVAL_SECONDS": 0.5,
+    "BATCH_ITEM_TIMEOUT_SECONDS": 0.0,  # 0: no per-item timeout
+    "BATCH_LOG_SUMMARY_SECONDS": 60.0,  # 0: no `worker summary` log lines
+    "BATCH_HANDLER_MODULES": [],  # besides each installed app's `batch_handlers` module
+    # Input limits and throttles (API, admin, `submitbatch`).
+    "BATCH_MAX_ITEMS_PER_BATCH": 100_000,
+    "BATCH_MAX_ITEM_PARAMS_BYTES": 64 * 1024,
+    "BATCH_MAX_ITEM_PARAMS_DEPTH": 20,
+    "BATCH_SUBMIT_THROTTLE_RATE": "120/min",  # "": no throttle
+    "BATCH_CANCEL_THROTTLE_RATE": "120/min",
+    "BATCH_SUBMIT_REQUIRES_PERMISSION": False,
+    # The worker prepares its hot statement on PostgreSQL; False behind a transaction pooler.
+    "DATABASE_PREPARED_STATEMENTS": True,
+}
+
+
+def install_defaults() -> list[str]:
+    """Set every setting in DEFAULTS that the project did not define; return their names."""
+    missing = [name for name in DEFAULTS if not hasattr(settings, name)]
+    for name in missing:
+        value = DEFAULTS[name]
+        setattr(settings, name, list(value) if isinstance(value, list) else value)
+    return missing
