@@ -23,6 +23,8 @@ DEFAULTS: dict[str, Any] = {
     "BATCH_HEARTBEAT_SECONDS": 10.0,
     "BATCH_POLL_INTERVAL_SECONDS": 0.5,
     "BATCH_ITEM_TIMEOUT_SECONDS": 0.0,  # 0: no per-item timeout
+    "BATCH_MAX_RUNNING_PER_OWNER": 0,  # 0: no limit on one owner's running items cluster-wide
+    "BATCH_SYNC_PROCESSES": 0,  # processes for sync handlers per worker; 0: its concurrency
     "BATCH_LOG_SUMMARY_SECONDS": 60.0,  # 0: no `worker summary` log lines
     "BATCH_HANDLER_MODULES": [],  # besides each installed app's `batch_handlers` module
     # Input limits and throttles (API, admin, `submitbatch`).
@@ -32,8 +34,6 @@ DEFAULTS: dict[str, Any] = {
     "BATCH_SUBMIT_THROTTLE_RATE": "120/min",  # "": no throttle
     "BATCH_CANCEL_THROTTLE_RATE": "120/min",
     "BATCH_SUBMIT_REQUIRES_PERMISSION": False,
-    # The worker prepares its hot statement on PostgreSQL; False behind a transaction pooler.
-    "DATABASE_PREPARED_STATEMENTS": True,
 }
 
 
