@@ -251,3 +251,33 @@ async def test_a_cancel_notification_cancels_the_batch_run_at_once() -> None:
     assert not mine.cancelled
     worker._on_control(f"cancel:{batch_id}")
     assert mine.cancelled and not other.cancelled
+
+
+async def test_one_owners_batches_leave_room_for_another_owner(settings: Any, django_user_model: Any) -> None:
+    """Four batches of 4 long items of one owner on a worker of 16 slots, under an owner cap
+    of 12: another owner's batch starts while all twelve still run (none has to finish)."""
+    settings.BATCH_MAX_RUNNING_PER_OWNER = 12
+    alice = await django_user_model.objects.acreate(username="alice")
+    bob = await django_user_model.objects.acreate(username="bob")
+    Probe.reset()
+    for _ in range(4):
+        await submit(handler="test.waits", items=[{"signal_at": 12}] * 4, max_parallel=4, created_by=alice)
+    worker = Worker(config(concurrency=16, exit_when_idle=False))
+    run = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(Probe.started.wait(), TIMEOUT)  # twelve of alice's run
+        submitted = asyncio.get_running_loop().time()
+        other = await submit(handler="test.waits", items=[{}], max_parallel=1, created_by=bob)
+
+        async def bob_runs() -> bool:
+            return await BatchJobItem.objects.filter(batch=other, status=ItemStatus.RUNNING).aexists()
+
+        await wait_until(bob_runs)
+        waited = asyncio.get_running_loop().time() - submitted
+        running = await BatchJobItem.objects.filter(batch__created_by=alice, status=ItemStatus.RUNNING).acount()
+        assert running == 12 and Probe.starts == 13, "bob's item started while alice's twelve still ran"
+        print(f"bob's batch started {waited:.3f} s after its submit")
+    finally:
+        worker.stop()
+        worker.stop()
+        await asyncio.wait_for(run, TIMEOUT)
