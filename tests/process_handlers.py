@@ -47,6 +47,7 @@ def database(params: dict[str, Any], ctx: ItemContext) -> dict[str, Any]:
 def heartbeat(params: dict[str, Any], ctx: ItemContext) -> None:
     """Ignores cancellation: bumps a counter in a file for ever."""
     path = Path(params["path"])
+    path.write_text("0")  # before it reports: a test that reads the file after a kill finds one
     ctx.progress(0.0, str(os.getpid()))
     beat = 0
     while True:
