@@ -128,7 +128,7 @@ class BatchRunner:
     def cancel(self) -> None:
         """Cooperative: launch nothing more; running handlers see `ctx.cancelled`."""
         self.cancel_event.set()
-        self._stop.set()
+        self._halt()
 
     def force_cancel(self) -> None:
         """Past the force deadline: stop the handlers (tasks cancelled, processes killed);
@@ -141,7 +141,12 @@ class BatchRunner:
 
     def stop_claiming(self) -> None:
         """Graceful shutdown: launch nothing more, let running items finish."""
+        self._halt()
+
+    def _halt(self) -> None:
         self._stop.set()
+        self._limiter.interrupt()
+        self.store.hold_target = 0
 
     def abort(self) -> None:
         """Shutdown past its drain: stop the running items and give them back as pending."""

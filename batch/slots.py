@@ -27,29 +27,39 @@ class Limiter:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.in_use = 0
-        self._changed = asyncio.Event()
+        self._waiters: set[asyncio.Future[None]] = set()
 
     @property
     def free(self) -> int:
         return max(self.capacity - self.in_use, 0)
 
     async def acquire(self, stop: asyncio.Event) -> bool:
-        """Take a slot; False (nothing taken) if `stop` is set first."""
-        while self.in_use >= self.capacity:
-            if stop.is_set():
-                return False
-            self._changed.clear()
-            await _first(asyncio.ensure_future(self._changed.wait()), stop)
+        """Take a slot; False (nothing taken) if `stop` is set first (then call `interrupt`)."""
+        while self.in_use >= self.capacity and not stop.is_set():
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.add(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.discard(waiter)
+        if stop.is_set():
+            return False
         self.in_use += 1
         return True
 
     def release(self) -> None:
         self.in_use -= 1
-        self._changed.set()
+        self.interrupt()
 
     def resize(self, capacity: int) -> None:
         self.capacity = capacity
-        self._changed.set()
+        self.interrupt()
+
+    def interrupt(self) -> None:
+        """Wake every waiter to look again (at the capacity, or at its stop event)."""
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class WorkerSlots:
