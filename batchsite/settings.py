@@ -51,7 +51,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "batchsite.charset.Utf8RequestsOnly",  # before anything reads the body (415 on bz2, zlib, …)
+    "batchsite.edge.Utf8RequestsOnly",  # before anything reads the body (415 on bz2, zlib, …)
+    "batchsite.edge.NoNulInQuery",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -182,6 +183,9 @@ BATCH_HANDLER_MODULES = env_list("BATCH_HANDLER_MODULES", "")
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 64 * 1024 * 1024, minimum=1024)
 BATCH_SUBMIT_THROTTLE_RATE = env_str("BATCH_SUBMIT_THROTTLE_RATE", "120/min")
 BATCH_CANCEL_THROTTLE_RATE = env_str("BATCH_CANCEL_THROTTLE_RATE", "120/min")
+# Requests of one user in progress at once, per process (429 beyond; 0: unbounded).
+BATCH_MAX_CONCURRENT_SUBMITS_PER_USER = env_int("BATCH_MAX_CONCURRENT_SUBMITS_PER_USER", 2, minimum=0)
+BATCH_MAX_WAITING_CANCELS_PER_USER = env_int("BATCH_MAX_WAITING_CANCELS_PER_USER", 4, minimum=0)
 # Limits of one item's parameters (batch/limits.py; 400 naming the item's index).
 BATCH_MAX_ITEM_PARAMS_BYTES = env_int("BATCH_MAX_ITEM_PARAMS_BYTES", 64 * 1024, minimum=2)
 BATCH_MAX_ITEM_PARAMS_DEPTH = env_int("BATCH_MAX_ITEM_PARAMS_DEPTH", 20, minimum=1)

@@ -23,7 +23,7 @@ from rest_framework.response import Response
 from rest_framework.throttling import BaseThrottle
 
 from batch import selectors, services
-from batch.api import drain
+from batch.api import concurrency, drain
 from batch.api.exceptions import Conflict, DrainTimeout, PayloadTooLarge
 from batch.api.limits import CancelRateThrottle
 from batch.api.pagination import BatchPagination, ItemPagination
@@ -116,6 +116,10 @@ class BatchViewSet(GenericViewSet):
 
     def create(self, request: Request) -> Response:
         """Submit a batch; with Idempotency-Key a retry returns the first batch (200)."""
+        with concurrency.submits.hold(request.user, limit=settings.BATCH_MAX_CONCURRENT_SUBMITS_PER_USER):
+            return self._create(request)  # the body is parsed inside: parsing is the expensive part
+
+    def _create(self, request: Request) -> Response:
         body = _validated(BatchSubmitSerializer, request.data)
         key = request.headers.get(IDEMPOTENCY_HEADER) or None
         if key is not None and (len(key) > 255 or not key.isprintable()):
