@@ -26,6 +26,7 @@ from batch.selectors import counter_mismatches
 from batchsite.env import current_database_url
 
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.servers"]  # the `serve` fixture: a real `manage.py serve`
 SERVICE_SKIP = "needs service:"
 
 

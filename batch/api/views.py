@@ -12,7 +12,6 @@ import uuid
 from typing import Any, cast
 
 from adrf.viewsets import GenericViewSet
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
@@ -160,20 +159,26 @@ class BatchViewSet(GenericViewSet):
     async def _cancel(self, request: Request) -> Response:
         params = _validated(DrainSerializer, request.query_params)
         timeout = params.get("drain_timeout", settings.BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS)
-        batch = await sync_to_async(self.get_object)()  # visibility before state: 404 first
-        result = await sync_to_async(services.request_cancel)(batch_id=batch.pk, by=request.user)
+        limit = settings.BATCH_MAX_WAITING_CANCELS_PER_USER
+        with concurrency.cancel_waits.hold(request.user, limit=limit, retry_after=timeout):
+            return await self._cancel_and_wait(drain_seconds=timeout)
+
+    async def _cancel_and_wait(self, *, drain_seconds: float) -> Response:
+        # Every read gives its connection back: the wait below holds none (drain.released).
+        batch = await drain.released(self.get_object)()  # visibility before state: 404 first
+        result = await drain.released(services.request_cancel)(batch_id=batch.pk, by=self.request.user)
         if result.outcome is services.CancelOutcome.NOT_FOUND:
             raise exceptions.NotFound()
         if result.outcome is services.CancelOutcome.TERMINAL:
             status = result.batch.status if result.batch else batch.status  # as it is now, not as read before
             raise Conflict(f"The batch has already finished ({status}).")
-        waited = await drain.wait_while_cancelling(batch.pk, fetch=lambda: self._fresh(batch.pk), seconds=timeout)
+        waited = await drain.wait_while_cancelling(batch.pk, fetch=lambda: self._fresh(batch.pk), seconds=drain_seconds)
         if waited is None:
             raise exceptions.NotFound()
-        data = await sync_to_async(self._render)(waited)
+        data = await drain.released(self._render)(waited)
         if waited.status == BatchStatus.CANCELLING:
             raise DrainTimeout(
-                f"{waited.running_items} item(s) still running after {timeout:g}s; the cancel goes on.",
+                f"{waited.running_items} item(s) still running after {drain_seconds:g}s; the cancel goes on.",
                 extra={"batch": data, "running_items": waited.running_items},
             )
         return Response(data)
