@@ -6,17 +6,40 @@ from pathlib import Path
 from typing import Any
 
 import dj_database_url
+from django.core.checks.security.base import (
+    SECRET_KEY_INSECURE_PREFIX,
+    SECRET_KEY_MIN_LENGTH,
+    SECRET_KEY_MIN_UNIQUE_CHARACTERS,
+)
 from django.core.exceptions import ImproperlyConfigured
 
-from batchsite.env import env_bool, env_float, env_int, env_list, env_str
+from batchsite.env import env_bool, env_float, env_int, env_list, env_str, read_env_file
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+# Local settings: `.env` (from `.env.example`, which keeps DJANGO_DEBUG=1); the environment wins.
+read_env_file(Path(env_str("DJANGO_ENV_FILE", str(BASE_DIR / ".env"))))
 
 DEVELOPMENT_SECRET_KEY = "django-insecure-development-key-do-not-use-in-production"
-DEBUG = env_bool("DJANGO_DEBUG", True)
+# Off unless asked for: a server started without configuration is a production server.
+DEBUG = env_bool("DJANGO_DEBUG", False)
 SECRET_KEY = env_str("DJANGO_SECRET_KEY", DEVELOPMENT_SECRET_KEY)
-if not DEBUG and SECRET_KEY == DEVELOPMENT_SECRET_KEY:
-    raise ImproperlyConfigured("DJANGO_SECRET_KEY must be set when DJANGO_DEBUG=0")
+
+
+def _weak_secret_key(key: str) -> bool:
+    """Django's own rule (check security.W009): short, few distinct characters, or the insecure prefix."""
+    return (
+        len(key) < SECRET_KEY_MIN_LENGTH
+        or len(set(key)) < SECRET_KEY_MIN_UNIQUE_CHARACTERS
+        or key.startswith(SECRET_KEY_INSECURE_PREFIX)
+    )
+
+
+if not DEBUG and _weak_secret_key(SECRET_KEY):
+    raise ImproperlyConfigured(
+        "DJANGO_SECRET_KEY must be set when DJANGO_DEBUG=0 (DEBUG is off unless DJANGO_DEBUG=1): at least "
+        f"{SECRET_KEY_MIN_LENGTH} characters, {SECRET_KEY_MIN_UNIQUE_CHARACTERS} distinct, not "
+        f"{SECRET_KEY_INSECURE_PREFIX!r}…. For local use: cp .env.example .env (make demo does it)."
+    )
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
 
@@ -95,7 +118,7 @@ def _database(url: str) -> dict[str, Any]:
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=30000;",
         )
         # A file, not memory: tests start real `runbatch` processes against the test database.
-        config["TEST"] = {"NAME": env_str("DATABASE_TEST_NAME", str(BASE_DIR / ".test_db.sqlite3"))}
+        config["TEST"] = {"NAME": env_str("DATABASE_TEST_NAME", "") or str(BASE_DIR / ".test_db.sqlite3")}
     elif config["ENGINE"] == "django.db.backends.postgresql":
         pool_size = env_int("DATABASE_POOL_MAX_SIZE", 4, minimum=0)
         if pool_size:

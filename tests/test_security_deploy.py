@@ -1,0 +1,88 @@
+"""Security round 2 (issue 15): defaults of a deployment. DEBUG is off unless asked for, a weak
+key is refused, demo handlers only where asked for, the schema needs a token, resize is
+throttled, the WebSocket origin check compares scheme and port."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT
+
+PROBE = (
+    "import json; from django.conf import settings as s; from django.test import Client;"
+    "from batch.handlers import registered_handlers;"
+    "r = Client().get('/api/nope/', secure=True, HTTP_ACCEPT='application/json');"
+    "print(json.dumps({'debug': s.DEBUG, 'handlers': sorted(registered_handlers()), 'status': r.status_code,"
+    " 'type': r['Content-Type'], 'body': r.content.decode()[:2000]}))"
+)
+
+
+def manage(*args: str, env_file: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    """manage.py with none of this machine's DJANGO_*/BATCH_* settings, and `.env` only if given."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "DATABASE_URL", "BATCH_"))}
+    environ["DJANGO_ENV_FILE"] = str(env_file or ROOT / "no-such.env")
+    return subprocess.run(
+        [sys.executable, str(ROOT / "manage.py"), *args],
+        cwd=ROOT,
+        env={**environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def probe(env_file: Path | None = None, **env: str) -> dict[str, Any]:
+    result = manage("shell", "-v", "0", "-c", PROBE, env_file=env_file, **env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+STRONG_KEY = secrets.token_urlsafe(50)
+
+
+# --- 8. unsafe defaults --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_debug_is_off_when_unset_and_an_unknown_api_path_is_a_problem_not_the_debug_page() -> None:
+    seen = probe(DJANGO_SECRET_KEY=STRONG_KEY)
+    assert seen["debug"] is False
+    assert (seen["status"], seen["type"]) == (404, "application/problem+json")
+    assert "urlpatterns" not in seen["body"] and "api/batches" not in seen["body"]
+
+
+@pytest.mark.slow
+def test_unset_debug_refuses_the_development_key() -> None:
+    result = manage("check")
+    assert result.returncode != 0
+    assert "DJANGO_SECRET_KEY must be set when DJANGO_DEBUG=0" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "key",
+    ["k" * 80, "abcd" * 20, secrets.token_urlsafe(50)[:49], "django-insecure-" + secrets.token_urlsafe(50)],
+    ids=["one-character", "four-distinct", "49-characters", "insecure-prefix"],
+)
+def test_production_refuses_a_weak_secret_key(key: str) -> None:
+    result = manage("check", DJANGO_DEBUG="0", DJANGO_SECRET_KEY=key)
+    assert result.returncode != 0
+    assert "DJANGO_SECRET_KEY must be set" in result.stderr
+
+
+@pytest.mark.slow
+def test_env_file_turns_debug_on_for_local_use_and_the_environment_wins(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text((ROOT / ".env.example").read_text())
+    assert probe(env_file)["debug"] is True  # .env.example keeps DJANGO_DEBUG=1
+    assert probe(env_file, DJANGO_DEBUG="0", DJANGO_SECRET_KEY=STRONG_KEY)["debug"] is False
+    env_file.write_text('# quoted values, export prefix\nexport DJANGO_DEBUG="1"\n')
+    assert probe(env_file)["debug"] is True
