@@ -200,6 +200,9 @@ BATCH_ITEM_TIMEOUT_SECONDS = env_float("BATCH_ITEM_TIMEOUT_SECONDS", 0.0, minimu
 BATCH_LOG_SUMMARY_SECONDS = env_float("BATCH_LOG_SUMMARY_SECONDS", 60.0, minimum=0)
 # Extra modules that register handlers, besides each installed app's `batch_handlers`.
 BATCH_HANDLER_MODULES = env_list("BATCH_HANDLER_MODULES", "")
+# The built-in `demo.*` handlers (`demo.sleep` lets any user hold workers for an hour): on
+# with DJANGO_DEBUG=1, off otherwise.
+BATCH_DEMO_HANDLERS = env_bool("BATCH_DEMO_HANDLERS", DEBUG)
 
 # --- REST API (batch/api) -------------------------------------------------------------------
 # Bodies up to this size are accepted (413 above); 64 MiB fits 100,000 small items.

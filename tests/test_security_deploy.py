@@ -86,3 +86,52 @@ def test_env_file_turns_debug_on_for_local_use_and_the_environment_wins(tmp_path
     assert probe(env_file, DJANGO_DEBUG="0", DJANGO_SECRET_KEY=STRONG_KEY)["debug"] is False
     env_file.write_text('# quoted values, export prefix\nexport DJANGO_DEBUG="1"\n')
     assert probe(env_file)["debug"] is True
+
+
+# --- 3. demo handlers only where asked for ---------------------------------------------------------
+
+DEMO = ["demo.forecast", "demo.noop", "demo.sleep"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("env", "registered"),
+    [
+        ({"DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": STRONG_KEY}, False),
+        ({"DJANGO_SECRET_KEY": STRONG_KEY}, False),  # DEBUG unset: production
+        ({"DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": STRONG_KEY, "BATCH_DEMO_HANDLERS": "1"}, True),
+        ({"DJANGO_DEBUG": "1"}, True),
+        ({"DJANGO_DEBUG": "1", "BATCH_DEMO_HANDLERS": "0"}, False),
+    ],
+    ids=["production", "unset", "production-opted-in", "debug", "debug-opted-out"],
+)
+def test_demo_handlers_are_registered_only_with_batch_demo_handlers(env: dict[str, str], registered: bool) -> None:
+    handlers = probe(**env)["handlers"]
+    assert all((name in handlers) is registered for name in DEMO), handlers
+
+
+@pytest.mark.slow
+def test_production_submit_of_demo_sleep_is_400_unknown_handler() -> None:
+    code = (
+        "import json; from django.contrib.auth.models import User; from rest_framework.test import APIClient;"
+        "from django.test.utils import setup_databases, setup_test_environment;"
+        "setup_test_environment(); setup_databases(0, False);"  # an in-memory database of its own
+        "c = APIClient(); c.force_authenticate(User.objects.create(username='u'));"
+        "r = c.post('/api/batches/', {'handler': 'demo.sleep', 'items': [{'seconds': 3600, 'cooperative': False}]},"
+        " format='json', secure=True);"
+        "print(json.dumps([r.status_code, r.json()]))"
+    )
+    result = manage(
+        "shell",
+        "-v",
+        "0",
+        "-c",
+        code,
+        DJANGO_DEBUG="0",
+        DJANGO_SECRET_KEY=STRONG_KEY,
+        DATABASE_URL="sqlite:///:memory:",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    status, body = json.loads(result.stdout.strip().splitlines()[-1])
+    assert status == 400
+    assert "handler" in body["errors"]
