@@ -2,7 +2,7 @@
 
 HTTP bodies over DATA_UPLOAD_MAX_MEMORY_SIZE are refused before Django spools them
 (`bodylimit`). WebSockets authenticate with the Django session (AuthMiddlewareStack) and must
-come from an allowed host (AllowedHostsOriginValidator: the Origin header is checked against ALLOWED_HOSTS).
+come from this site's own origin: scheme, host and port (`wsorigin.SameOriginValidator`).
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ django_application = get_asgi_application()  # sets Django up before the routes 
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from batch.routing import websocket_urlpatterns  # noqa: E402
 from batchsite.bodylimit import BodySizeLimit  # noqa: E402
+from batchsite.wsorigin import SameOriginValidator  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": BodySizeLimit(django_application),
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

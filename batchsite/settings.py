@@ -209,6 +209,7 @@ BATCH_DEMO_HANDLERS = env_bool("BATCH_DEMO_HANDLERS", DEBUG)
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 64 * 1024 * 1024, minimum=1024)
 BATCH_SUBMIT_THROTTLE_RATE = env_str("BATCH_SUBMIT_THROTTLE_RATE", "120/min")
 BATCH_CANCEL_THROTTLE_RATE = env_str("BATCH_CANCEL_THROTTLE_RATE", "120/min")
+BATCH_RESIZE_THROTTLE_RATE = env_str("BATCH_RESIZE_THROTTLE_RATE", "120/min")
 # Requests of one user in progress at once, per process (429 beyond; 0: unbounded).
 BATCH_MAX_CONCURRENT_SUBMITS_PER_USER = env_int("BATCH_MAX_CONCURRENT_SUBMITS_PER_USER", 2, minimum=0)
 BATCH_MAX_WAITING_CANCELS_PER_USER = env_int("BATCH_MAX_WAITING_CANCELS_PER_USER", 4, minimum=0)
@@ -237,7 +238,11 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "batch.api.schema.ProblemAutoSchema",
     "EXCEPTION_HANDLER": "batch.api.exceptions.problem_exception_handler",
-    "DEFAULT_THROTTLE_RATES": {"batch_submit": BATCH_SUBMIT_THROTTLE_RATE, "batch_cancel": BATCH_CANCEL_THROTTLE_RATE},
+    "DEFAULT_THROTTLE_RATES": {
+        "batch_submit": BATCH_SUBMIT_THROTTLE_RATE,
+        "batch_cancel": BATCH_CANCEL_THROTTLE_RATE,
+        "batch_resize": BATCH_RESIZE_THROTTLE_RATE,
+    },
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Batch API",
@@ -245,6 +250,8 @@ SPECTACULAR_SETTINGS = {
     "Errors are RFC 7807 problem details (application/problem+json).",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The schema and its docs pages need a token or session like the rest of /api/ (README).
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",

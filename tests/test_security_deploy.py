@@ -135,3 +135,47 @@ def test_production_submit_of_demo_sleep_is_400_unknown_handler() -> None:
     status, body = json.loads(result.stdout.strip().splitlines()[-1])
     assert status == 400
     assert "handler" in body["errors"]
+
+
+# --- 9. smaller -------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["/api/schema/", "/api/schema/?format=json", "/api/docs/", "/api/redoc/"])
+def test_schema_and_docs_need_a_token_or_session(client_for: Any, user: Any, path: str) -> None:
+    from tests.problems import assert_problem
+
+    anonymous = client_for(None).get(path, HTTP_ACCEPT="*/*")
+    assert_problem(anonymous, 401)
+    assert anonymous["WWW-Authenticate"] == "Token"
+    if "docs" in path or "redoc" in path:  # HTML pages: a JSON-only client gets a problem body, not text
+        assert_problem(client_for(None).get(path, HTTP_ACCEPT="application/json"), 406)
+    assert client_for(user).get(path, HTTP_ACCEPT="*/*").status_code == 200
+
+
+@pytest.mark.django_db
+def test_resize_is_throttled_per_user_and_a_refused_resize_writes_no_audit_row(
+    api_client: Any, user: Any, submit: Any, settings: Any
+) -> None:
+    from django.core.cache import cache
+
+    from tests.problems import assert_problem
+
+    settings.BATCH_RESIZE_THROTTLE_RATE = "2/min"
+    cache.clear()
+    batch = submit("demo.sleep", [{"seconds": 1}], created_by=user)
+    codes = [api_client.patch(f"/api/batches/{batch.pk}/", {"max_parallel": n}, format="json") for n in (1, 2, 3)]
+    assert [r.status_code for r in codes[:2]] == [200, 200]
+    assert "Retry-After" in assert_problem(codes[2], 429) or codes[2].has_header("Retry-After")
+    batch.refresh_from_db()
+    assert batch.max_parallel == 2
+    assert list(batch.audit_events.values_list("action", flat=True)) == ["submitted", "resized", "resized"]
+    cache.clear()
+
+
+@pytest.mark.django_db
+def test_browsable_api_describes_the_permission_rule(client: Any, user: Any) -> None:
+    client.force_login(user)
+    page = client.get("/api/batches/", HTTP_ACCEPT="text/html").content.decode()
+    assert "staff: all" not in page
+    assert "view_batchjob" in page

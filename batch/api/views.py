@@ -36,7 +36,7 @@ from batch.api.serializers import (
     ItemFilterSerializer,
     ItemSerializer,
 )
-from batch.api.throttling import SubmitRateThrottle
+from batch.api.throttling import ResizeRateThrottle, SubmitRateThrottle
 from batch.models import BatchJob, BatchStatus
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -71,7 +71,8 @@ def _validated(serializer_class: type[serializers.Serializer[Any]], data: Any) -
     items=extend_schema(parameters=[ItemFilterSerializer], responses={200: ItemSerializer(many=True)}),
 )
 class BatchViewSet(GenericViewSet):
-    """Batches of the authenticated user (staff: all). Another user's batch answers 404."""
+    """Your batches; every user's with the `batch.view_batchjob` permission (superusers have it).
+    A batch you may not see answers 404; one you see but may not change answers 403."""
 
     serializer_class = BatchSerializer
     pagination_class = BatchPagination
@@ -86,6 +87,8 @@ class BatchViewSet(GenericViewSet):
     def get_throttles(self) -> list[BaseThrottle]:
         if self.action in ("destroy", "cancel"):
             return [CancelRateThrottle()]
+        if self.action == "partial_update":
+            return [ResizeRateThrottle()]
         return [SubmitRateThrottle()] if self.action == "create" else []
 
     def get_serializer_class(self) -> type[serializers.BaseSerializer[Any]]:
