@@ -12,4 +12,5 @@ class BatchConfig(AppConfig):
         from batch.handlers import autodiscover
 
         autodiscover()
+        import batch.consumers
         import batch.events  # noqa: F401  (connects the batch_changed receiver)

@@ -210,6 +210,8 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 64 * 1024 *
 BATCH_SUBMIT_THROTTLE_RATE = env_str("BATCH_SUBMIT_THROTTLE_RATE", "120/min")
 BATCH_CANCEL_THROTTLE_RATE = env_str("BATCH_CANCEL_THROTTLE_RATE", "120/min")
 BATCH_RESIZE_THROTTLE_RATE = env_str("BATCH_RESIZE_THROTTLE_RATE", "120/min")
+# Dashboard sockets re-check their session and `view_batchjob` this often (and at once on logout).
+BATCH_WS_RECHECK_SECONDS = env_float("BATCH_WS_RECHECK_SECONDS", 2.0, minimum=0.05)
 # Requests of one user in progress at once, per process (429 beyond; 0: unbounded).
 BATCH_MAX_CONCURRENT_SUBMITS_PER_USER = env_int("BATCH_MAX_CONCURRENT_SUBMITS_PER_USER", 2, minimum=0)
 BATCH_MAX_WAITING_CANCELS_PER_USER = env_int("BATCH_MAX_WAITING_CANCELS_PER_USER", 4, minimum=0)
