@@ -6,33 +6,20 @@ Checks: no 5xx, documented status codes and content types, bodies that match the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import schemathesis
 from django.core.cache import cache
 from django.core.signals import request_finished, request_started
-from django.core.wsgi import get_wsgi_application
 from django.db import close_old_connections
-from drf_spectacular.generators import SchemaGenerator
-from drf_spectacular.renderers import OpenApiJsonRenderer
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
 from batch.notify import control_watcher
+from tests.openapi import load_schema
 
-
-def _load_schema() -> Any:
-    """The document `/api/schema/` serves (it needs a token, which collection time cannot have)."""
-    raw = json.loads(OpenApiJsonRenderer().render(SchemaGenerator().get_schema(request=None, public=True)))
-    loaded = schemathesis.openapi.from_dict(raw)
-    loaded.app, loaded.location = get_wsgi_application(), "/api/schema/"
-    return loaded
-
-
-schema = _load_schema()
+schema = load_schema()
 
 CHECKS = [
     checks.not_a_server_error,
