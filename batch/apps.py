@@ -15,4 +15,5 @@ class BatchConfig(AppConfig):
         conf.install_defaults()  # before anything below reads a BATCH_* setting
         checks.register()
         autodiscover()
+        import batch.consumers
         import batch.events  # noqa: F401  (connects the batch_changed receiver)

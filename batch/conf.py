@@ -27,12 +27,17 @@ DEFAULTS: dict[str, Any] = {
     "BATCH_SYNC_PROCESSES": 0,  # processes for sync handlers per worker; 0: its concurrency
     "BATCH_LOG_SUMMARY_SECONDS": 60.0,  # 0: no `worker summary` log lines
     "BATCH_HANDLER_MODULES": [],  # besides each installed app's `batch_handlers` module
+    "BATCH_DEMO_HANDLERS": False,  # the built-in demo.* handlers (any user could hold workers)
     # Input limits and throttles (API, admin, `submitbatch`).
     "BATCH_MAX_ITEMS_PER_BATCH": 100_000,
     "BATCH_MAX_ITEM_PARAMS_BYTES": 64 * 1024,
     "BATCH_MAX_ITEM_PARAMS_DEPTH": 20,
     "BATCH_SUBMIT_THROTTLE_RATE": "120/min",  # "": no throttle
     "BATCH_CANCEL_THROTTLE_RATE": "120/min",
+    "BATCH_RESIZE_THROTTLE_RATE": "120/min",
+    "BATCH_WS_RECHECK_SECONDS": 2.0,  # dashboard sockets re-check session and permission
+    "BATCH_MAX_CONCURRENT_SUBMITS_PER_USER": 2,  # per process; 0: unbounded
+    "BATCH_MAX_WAITING_CANCELS_PER_USER": 4,
     "BATCH_SUBMIT_REQUIRES_PERMISSION": False,
 }
 

@@ -188,13 +188,20 @@ def registered_handlers() -> dict[str, HandlerSpec]:
 
 
 def autodiscover() -> None:
-    """Import `batch_handlers` of every installed app and each of BATCH_HANDLER_MODULES."""
+    """Import `batch_handlers` of every installed app and each of BATCH_HANDLER_MODULES; the
+    built-in demo handlers stay registered only with BATCH_DEMO_HANDLERS (any user could occupy
+    workers with `demo.sleep`: an hour per item, uncancellable)."""
+    if not settings.BATCH_DEMO_HANDLERS:
+        for name in DEMO_HANDLERS:
+            _registry.pop(name, None)
     autodiscover_modules("batch_handlers")
     for module in settings.BATCH_HANDLER_MODULES:
         import_module(module)
 
 
 # --- built-in handlers ----------------------------------------------------------------------
+
+DEMO_HANDLERS = ("demo.noop", "demo.sleep", "demo.forecast")
 
 
 class SleepParams(serializers.Serializer[Any]):

@@ -2,6 +2,8 @@
 
 PostgreSQL refuses NUL characters in `text` and `jsonb`; without these checks a NUL would
 reach the INSERT and end as a database error (a 500) instead of a 400 naming the field.
+Lone surrogates (`"\ud800"`) pass `json.loads` but are not Unicode text: PostgreSQL refuses
+them, and SQLite stores them and then every read of the row fails to encode (a 500).
 """
 
 from __future__ import annotations
@@ -14,26 +16,37 @@ MAX_NAME_LENGTH = 200
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 
+def string_problem(value: str) -> str | None:
+    """Why a string cannot be stored (NUL, lone surrogate), or None."""
+    if "\x00" in value:
+        return "NUL characters are not allowed."
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "Lone surrogates (\\ud800-\\udfff) are not allowed: not valid Unicode text."
+    return None
+
+
 def text_problem(value: object, *, max_length: int) -> str | None:
     """Why a free-text field (name, key) is refused, or None if it is fine."""
     if not isinstance(value, str):
         return "Must be a string."
-    if "\x00" in value:
-        return "NUL characters are not allowed."
+    if (problem := string_problem(value)) is not None:
+        return problem
     if len(value) > max_length:
         return f"At most {max_length} characters; got {len(value)}."
     return None
 
 
 def params_problem(params: object) -> str | None:
-    """Why one item's parameters are refused (NUL, nesting, size), or None if they are fine."""
+    """Why one item's parameters are refused (NUL, surrogates, nesting, size), or None if fine."""
     depth_limit = settings.BATCH_MAX_ITEM_PARAMS_DEPTH
     stack: list[tuple[object, int]] = [(params, 1)]
     while stack:
         value, depth = stack.pop()
         if isinstance(value, str):
-            if "\x00" in value:
-                return "NUL characters are not allowed."
+            if (problem := string_problem(value)) is not None:
+                return problem
         elif isinstance(value, dict | list):
             if depth > depth_limit:
                 return f"Nested deeper than {depth_limit} levels."

@@ -11,10 +11,10 @@ from typing import Any
 
 from channels.auth import AuthMiddlewareStack
 from channels.routing import URLRouter
-from channels.security.websocket import AllowedHostsOriginValidator
 from django.urls import URLPattern, path
 
 from batch.consumers import BatchDetailConsumer, BatchListConsumer
+from batch.wsorigin import SameOriginValidator
 
 websocket_urlpatterns: list[URLPattern] = [
     path("ws/batches/", BatchListConsumer.as_asgi()),
@@ -24,6 +24,7 @@ websocket_urlpatterns: list[URLPattern] = [
 
 def websocket_application(*, check_origin: bool = True) -> Any:
     """`websocket_urlpatterns` behind the Django session (the consumers admit staff only) and,
-    unless `check_origin=False`, an Origin check against ALLOWED_HOSTS (no cross-site sockets)."""
+    unless `check_origin=False`, a same-origin check: scheme, host and port, or an origin in
+    CSRF_TRUSTED_ORIGINS (no cross-site sockets)."""
     application = AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
-    return AllowedHostsOriginValidator(application) if check_origin else application
+    return SameOriginValidator(application) if check_origin else application

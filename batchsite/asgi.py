@@ -2,7 +2,8 @@
 
 HTTP bodies over DATA_UPLOAD_MAX_MEMORY_SIZE are refused before Django spools them
 (`bodylimit`). WebSockets (`batch.routing.websocket_application`) authenticate with the Django
-session and must come from an allowed host (the Origin header is checked against ALLOWED_HOSTS).
+session and must come from this site's own origin: scheme, host and port
+(`batch.wsorigin.SameOriginValidator`).
 """
 
 from __future__ import annotations

@@ -1,13 +1,38 @@
-"""Typed readers for settings that come from the environment (12-factor)."""
+"""Typed readers for settings that come from the environment (12-factor), and the `.env` file.
+
+A `.env` file (KEY=VALUE lines, `#` comments, optional quotes; `make demo` copies it from
+`.env.example`) fills in what the environment does not set: the environment always wins.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The variables a `.env` file sets; those already in the environment are kept as they are."""
+    if not path.is_file():
+        return {}
+    loaded: dict[str, str] = {}
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.removeprefix("export ").partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name.isidentifier():
+            raise ImproperlyConfigured(f"{path}:{number}: expected NAME=value, got {raw!r}")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        loaded[name] = value
+        os.environ.setdefault(name, value)
+    return loaded
 
 
 def env_str(name: str, default: str) -> str:

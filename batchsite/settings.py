@@ -6,17 +6,40 @@ from pathlib import Path
 from typing import Any
 
 import dj_database_url
+from django.core.checks.security.base import (
+    SECRET_KEY_INSECURE_PREFIX,
+    SECRET_KEY_MIN_LENGTH,
+    SECRET_KEY_MIN_UNIQUE_CHARACTERS,
+)
 from django.core.exceptions import ImproperlyConfigured
 
-from batchsite.env import env_bool, env_float, env_int, env_list, env_str
+from batchsite.env import env_bool, env_float, env_int, env_list, env_str, read_env_file
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+# Local settings: `.env` (from `.env.example`, which keeps DJANGO_DEBUG=1); the environment wins.
+read_env_file(Path(env_str("DJANGO_ENV_FILE", str(BASE_DIR / ".env"))))
 
 DEVELOPMENT_SECRET_KEY = "django-insecure-development-key-do-not-use-in-production"
-DEBUG = env_bool("DJANGO_DEBUG", True)
+# Off unless asked for: a server started without configuration is a production server.
+DEBUG = env_bool("DJANGO_DEBUG", False)
 SECRET_KEY = env_str("DJANGO_SECRET_KEY", DEVELOPMENT_SECRET_KEY)
-if not DEBUG and SECRET_KEY == DEVELOPMENT_SECRET_KEY:
-    raise ImproperlyConfigured("DJANGO_SECRET_KEY must be set when DJANGO_DEBUG=0")
+
+
+def _weak_secret_key(key: str) -> bool:
+    """Django's own rule (check security.W009): short, few distinct characters, or the insecure prefix."""
+    return (
+        len(key) < SECRET_KEY_MIN_LENGTH
+        or len(set(key)) < SECRET_KEY_MIN_UNIQUE_CHARACTERS
+        or key.startswith(SECRET_KEY_INSECURE_PREFIX)
+    )
+
+
+if not DEBUG and _weak_secret_key(SECRET_KEY):
+    raise ImproperlyConfigured(
+        "DJANGO_SECRET_KEY must be set when DJANGO_DEBUG=0 (DEBUG is off unless DJANGO_DEBUG=1): at least "
+        f"{SECRET_KEY_MIN_LENGTH} characters, {SECRET_KEY_MIN_UNIQUE_CHARACTERS} distinct, not "
+        f"{SECRET_KEY_INSECURE_PREFIX!r}…. For local use: cp .env.example .env (make demo does it)."
+    )
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
 
@@ -51,6 +74,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "batchsite.edge.Utf8RequestsOnly",  # before anything reads the body (415 on bz2, zlib, …)
+    "batchsite.edge.NoNulInQuery",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -93,7 +118,7 @@ def _database(url: str) -> dict[str, Any]:
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=30000;",
         )
         # A file, not memory: tests start real `runbatch` processes against the test database.
-        config["TEST"] = {"NAME": env_str("DATABASE_TEST_NAME", str(BASE_DIR / ".test_db.sqlite3"))}
+        config["TEST"] = {"NAME": env_str("DATABASE_TEST_NAME", "") or str(BASE_DIR / ".test_db.sqlite3")}
     elif config["ENGINE"] == "django.db.backends.postgresql":
         pool_size = env_int("DATABASE_POOL_MAX_SIZE", 4, minimum=0)
         if pool_size:
@@ -175,12 +200,21 @@ BATCH_SYNC_PROCESSES = env_int("BATCH_SYNC_PROCESSES", 0, minimum=0)
 BATCH_LOG_SUMMARY_SECONDS = env_float("BATCH_LOG_SUMMARY_SECONDS", 60.0, minimum=0)
 # Extra modules that register handlers, besides each installed app's `batch_handlers`.
 BATCH_HANDLER_MODULES = env_list("BATCH_HANDLER_MODULES", "")
+# The built-in `demo.*` handlers (`demo.sleep` lets any user hold workers for an hour): on
+# with DJANGO_DEBUG=1, off otherwise.
+BATCH_DEMO_HANDLERS = env_bool("BATCH_DEMO_HANDLERS", DEBUG)
 
 # --- REST API (batch/api) -------------------------------------------------------------------
 # Bodies up to this size are accepted (413 above); 64 MiB fits 100,000 small items.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 64 * 1024 * 1024, minimum=1024)
 BATCH_SUBMIT_THROTTLE_RATE = env_str("BATCH_SUBMIT_THROTTLE_RATE", "120/min")
 BATCH_CANCEL_THROTTLE_RATE = env_str("BATCH_CANCEL_THROTTLE_RATE", "120/min")
+BATCH_RESIZE_THROTTLE_RATE = env_str("BATCH_RESIZE_THROTTLE_RATE", "120/min")
+# Dashboard sockets re-check their session and `view_batchjob` this often (and at once on logout).
+BATCH_WS_RECHECK_SECONDS = env_float("BATCH_WS_RECHECK_SECONDS", 2.0, minimum=0.05)
+# Requests of one user in progress at once, per process (429 beyond; 0: unbounded).
+BATCH_MAX_CONCURRENT_SUBMITS_PER_USER = env_int("BATCH_MAX_CONCURRENT_SUBMITS_PER_USER", 2, minimum=0)
+BATCH_MAX_WAITING_CANCELS_PER_USER = env_int("BATCH_MAX_WAITING_CANCELS_PER_USER", 4, minimum=0)
 # Limits of one item's parameters (batch/limits.py; 400 naming the item's index).
 BATCH_MAX_ITEM_PARAMS_BYTES = env_int("BATCH_MAX_ITEM_PARAMS_BYTES", 64 * 1024, minimum=2)
 BATCH_MAX_ITEM_PARAMS_DEPTH = env_int("BATCH_MAX_ITEM_PARAMS_DEPTH", 20, minimum=1)
@@ -206,7 +240,11 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "batch.api.schema.ProblemAutoSchema",
     "EXCEPTION_HANDLER": "batch.api.exceptions.problem_exception_handler",
-    "DEFAULT_THROTTLE_RATES": {"batch_submit": BATCH_SUBMIT_THROTTLE_RATE, "batch_cancel": BATCH_CANCEL_THROTTLE_RATE},
+    "DEFAULT_THROTTLE_RATES": {
+        "batch_submit": BATCH_SUBMIT_THROTTLE_RATE,
+        "batch_cancel": BATCH_CANCEL_THROTTLE_RATE,
+        "batch_resize": BATCH_RESIZE_THROTTLE_RATE,
+    },
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Batch API",
@@ -214,6 +252,8 @@ SPECTACULAR_SETTINGS = {
     "Errors are RFC 7807 problem details (application/problem+json).",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The schema and its docs pages need a token or session like the rest of /api/ (README).
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",

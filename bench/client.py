@@ -28,6 +28,7 @@ UNTHROTTLED = {
 }
 PRODUCTION_ENV = {
     "DJANGO_DEBUG": "0",
+    "BATCH_DEMO_HANDLERS": "1",  # they run demo.* handlers
     "DJANGO_SECRET_KEY": "bench-" + "x" * 50,
     "DJANGO_LOG_LEVEL": "WARNING",
     "DJANGO_SECURE_SSL_REDIRECT": "0",  # plain HTTP on localhost (production redirects to HTTPS)

@@ -133,6 +133,7 @@ def start_worker(spec: WorkerSpec, log_dir: Path) -> WorkerProcess:
         "DJANGO_LOG_LEVEL": "WARNING",
         # Production settings: with DEBUG every query is also recorded in connection.queries.
         "DJANGO_DEBUG": "0",
+        "BATCH_DEMO_HANDLERS": "1",  # they run demo.* handlers
         "DJANGO_SECRET_KEY": "bench-" + "x" * 50,
         "PYTHONUNBUFFERED": "1",
         "BATCH_HANDLER_MODULES": "bench.handlers",

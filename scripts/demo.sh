@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+# Local settings (DJANGO_DEBUG=1 and the development key): DEBUG is off unless asked for.
+[ -f .env ] || { cp .env.example .env && echo "Created .env from .env.example (DJANGO_DEBUG=1, for local use)"; }
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
 .venv/bin/python manage.py migrate -v 0

@@ -26,6 +26,7 @@ from batch.selectors import counter_mismatches
 from batchsite.env import current_database_url
 
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.servers"]  # the `serve` fixture: a real `manage.py serve`
 SERVICE_SKIP = "needs service:"
 
 
@@ -81,11 +82,12 @@ def _close_sync_thread_connection() -> Iterator[None]:
 
 @pytest.fixture
 def no_throttle(settings: Any) -> Iterator[None]:
-    """Submit and cancel unthrottled (the throttles count in the default cache)."""
+    """Submit, cancel and resize unthrottled (the throttles count in the default cache)."""
     from django.core.cache import cache
 
     settings.BATCH_SUBMIT_THROTTLE_RATE = ""
     settings.BATCH_CANCEL_THROTTLE_RATE = ""
+    settings.BATCH_RESIZE_THROTTLE_RATE = ""
     cache.clear()
     yield
     cache.clear()

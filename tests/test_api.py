@@ -106,12 +106,19 @@ def test_submit_reports_invalid_item_params_by_item_index(api_client: Any) -> No
 
 
 @pytest.mark.parametrize(
-    "payload",
-    [{"items": [{}]}, {"handler": "demo.noop", "items": "x"}, {"handler": "demo.noop", "items": []}, [1, 2]],
+    ("payload", "errors"),
+    [
+        ({"items": [{}]}, {"handler": ["This field is required."]}),
+        ({"handler": "demo.noop", "items": "x"}, {"items": ["Expected a list of item parameter objects."]}),
+        ({"handler": "demo.noop", "items": []}, {"items": ["A batch needs at least one item."]}),
+        ([1, 2], {"non_field_errors": ["Invalid data. Expected a dictionary, but got list."]}),
+    ],
+    ids=["no-handler", "items-not-a-list", "no-items", "not-an-object"],
 )
-def test_submit_with_bad_body_is_a_validation_problem(api_client: Any, payload: Any) -> None:
+def test_submit_with_bad_body_is_a_validation_problem(api_client: Any, payload: Any, errors: dict[str, Any]) -> None:
     body = assert_problem(api_client.post("/api/batches/", payload, format="json"), 400)
-    assert body["errors"]
+    assert body["errors"] == errors
+    assert not BatchJob.objects.exists()
 
 
 def test_submit_refuses_nul_characters_in_item_params_by_index(api_client: Any) -> None:
@@ -203,11 +210,19 @@ def test_list_filters_by_status_and_handler(
     assert [b["id"] for b in api_client.get("/api/batches/?handler=demo.noop").json()["results"]] == [str(noop.pk)]
 
 
-@pytest.mark.parametrize("query", ["status=bogus", "page=99", "page_size=x&page=x"])
-def test_list_rejects_bad_query_values(api_client: Any, query: str) -> None:
-    response = api_client.get(f"/api/batches/?{query}")
-    assert response.status_code in (400, 404)
-    assert_problem(response, response.status_code)
+@pytest.mark.parametrize(
+    ("query", "status", "errors"),
+    [
+        ("status=bogus", 400, {"status": ['"bogus" is not a valid choice.']}),
+        ("page=99", 404, None),  # out of range
+        ("page_size=x&page=x", 404, None),  # not a page number: DRF's "Invalid page."
+    ],
+)
+def test_list_rejects_bad_query_values(api_client: Any, query: str, status: int, errors: Any) -> None:
+    body = assert_problem(api_client.get(f"/api/batches/?{query}"), status)
+    assert body.get("errors") == errors
+    if status == 404:
+        assert body["detail"] == "Invalid page."
 
 
 def test_detail_returns_the_batch(api_client: Any, user: Any, batch_of: Callable[..., BatchJob]) -> None:

@@ -32,8 +32,10 @@ def session_cookie(user: Any) -> str:
     return client.cookies["sessionid"].value
 
 
-def communicator(path: str, *, cookie: str | None = None, origin: str = "http://testserver") -> WebsocketCommunicator:
-    headers = [(b"origin", origin.encode())]
+def communicator(
+    path: str, *, cookie: str | None = None, origin: str = "http://testserver", host: str = "testserver"
+) -> WebsocketCommunicator:
+    headers = [(b"origin", origin.encode()), (b"host", host.encode())]
     if cookie:
         headers.append((b"cookie", f"sessionid={cookie}".encode()))
     return WebsocketCommunicator(application, path, headers=headers)

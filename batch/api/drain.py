@@ -2,7 +2,9 @@
 
 The waiter re-reads the one batch row when woken: on PostgreSQL by `notify.control_watcher`
 (the services' `pg_notify` after every change, from any process), in this process also by
-the `batch_changed` signal; polling is the fallback that always works (SQLite: every 0.25 s).
+the `batch_changed` signal; polling is the fallback that always works (SQLite: every 0.25 s). Between reads the request
+holds no database connection (`released`): six waiting cancels once kept six connections of a
+pool of four, and every other request waited for the pool.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
 
 from asgiref.sync import sync_to_async
+from django.db import connection
 
 from batch.models import BatchJob, BatchStatus
 from batch.notify import control_watcher
@@ -29,6 +32,25 @@ def _on_batch_changed(sender: Any, *, batch_id: uuid.UUID, **kwargs: Any) -> Non
 
 batch_changed.connect(_on_batch_changed, dispatch_uid="batch.api.drain")
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def released(func: Callable[P, R]) -> Callable[P, Awaitable[R]]:
+    """`func` on the request's sync thread, then its connection back (to the pool, or closed).
+
+    Not inside a transaction (a test's): closing there would break it, and nothing waits then.
+    """
+
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        finally:
+            if not connection.in_atomic_block:
+                connection.close()
+
+    return sync_to_async(run)
+
 
 async def wait_while_cancelling(
     batch_id: uuid.UUID, *, fetch: Callable[[], BatchJob | None], seconds: float
@@ -39,7 +61,7 @@ async def wait_while_cancelling(
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
-    read = sync_to_async(fetch)
+    read = released(fetch)
     with control_watcher.watch(batch_id) as woken:
         while True:
             woken.clear()  # before the read: a change after it will set the event again

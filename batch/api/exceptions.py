@@ -14,6 +14,7 @@ from django.core.exceptions import PermissionDenied, RequestDataTooBig, TooManyF
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.views import defaults
 from rest_framework import exceptions, status
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,9 @@ def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Respon
         response.data = _body(_as_api_exception(_translate(exc)), instance)
     if not _is_browsable(request):
         response.content_type = PROBLEM_CONTENT_TYPE
+        if request is not None and not isinstance(getattr(request, "accepted_renderer", None), JSONRenderer):
+            # An HTML-only view (the Swagger and ReDoc pages) would render the problem as text.
+            request.accepted_renderer, request.accepted_media_type = JSONRenderer(), PROBLEM_CONTENT_TYPE
     return response
 
 

@@ -2,8 +2,9 @@
 
 - `StrictJSONParser`: the size limit of `LimitedJSONParser`, plus duplicate keys refused (two
   parsers reading `{"max_parallel": 1, "max_parallel": 9}` differently is how a proxy's check
-  and the server's reading diverge) and deep nesting refused (Python's decoder would raise
-  RecursionError, a 500).
+  and the server's reading diverge), deep nesting refused (Python's decoder would raise
+  RecursionError, a 500) and items counted while parsing (`jsondecode`: 413 at the first item
+  past BATCH_MAX_ITEMS_PER_BATCH, before millions of tiny items are built).
 - `RejectUnknownFields`: a serializer mixin; a misspelt field (`max_paralel`) is an error, not
   a silent default.
 """
@@ -20,22 +21,12 @@ from rest_framework import serializers
 from rest_framework.exceptions import ParseError
 from rest_framework.parsers import JSONParser
 from rest_framework.throttling import UserRateThrottle
-from rest_framework.utils import json
 
+from batch.api import jsondecode
+from batch.api.exceptions import PayloadTooLarge
 from batch.api.parsers import LimitedJSONParser
 
 FORM_ONLY_FIELDS = frozenset({"csrfmiddlewaretoken"})  # the browsable API's HTML forms
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise ValueError(f"duplicate key {key[:100]!r}")
-            seen.add(key)
-    return result
 
 
 class _StrictDecoding(JSONParser):
@@ -43,11 +34,23 @@ class _StrictDecoding(JSONParser):
         encoding = (parser_context or {}).get("encoding", settings.DEFAULT_CHARSET)
         try:
             text = codecs.getreader(encoding)(stream).read()
-            return json.loads(text, parse_constant=json.strict_constant, object_pairs_hook=_unique_keys)
-        except RecursionError:
-            raise ParseError("JSON parse error - nested too deeply.") from None
-        except ValueError as exc:
+        except ValueError as exc:  # not UTF-8 (the charset middleware let nothing else through)
             raise ParseError(f"JSON parse error - {exc}") from None
+        return decode_json(text)
+
+
+def decode_json(text: str) -> Any:
+    """Strict JSON; 413 for an array past BATCH_MAX_ITEMS_PER_BATCH, counted while parsing."""
+    limit = settings.BATCH_MAX_ITEMS_PER_BATCH
+    try:
+        return jsondecode.loads(text, max_elements=limit)
+    except jsondecode.TooManyElements as exc:
+        message = f"A batch may hold at most {limit} items; the body has more."
+        raise PayloadTooLarge(message, errors={exc.field or "items": [message]}) from None
+    except RecursionError:
+        raise ParseError("JSON parse error - nested too deeply.") from None
+    except ValueError as exc:
+        raise ParseError(f"JSON parse error - {exc}") from None
 
 
 class StrictJSONParser(LimitedJSONParser, _StrictDecoding):

@@ -10,9 +10,11 @@ from typing import Any
 
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+from rest_framework.exceptions import ParseError
 
-from batch.api.limits import RejectUnknownFields
+from batch.api.limits import RejectUnknownFields, decode_json
 from batch.handlers import registered_handlers
+from batch.limits import string_problem
 from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
 from batch.services import MAX_PARALLEL_LIMIT, MAX_REPORTED_ITEM_ERRORS
 
@@ -60,29 +62,35 @@ def _handler_help() -> str:
 class ItemParamsField(serializers.JSONField):
     """A list of parameter objects, passed to the service as is: validating 100,000 items
     field by field here would double the work `services.submit_batch` does per item.
-    Only NUL characters are refused here (PostgreSQL's jsonb cannot store them)."""
+    Only strings that cannot be stored (NUL, lone surrogates) are refused here; a form's
+    JSON text is decoded as strictly as a JSON body (`limits.decode_json`)."""
 
     def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, str) and getattr(data, "is_json_string", False):
+            try:
+                data = decode_json(data)
+            except ParseError as exc:
+                raise serializers.ValidationError(str(exc.detail)) from None
         value = super().to_internal_value(data)
         if isinstance(value, list):
-            bad = [index for index, params in enumerate(value) if _has_nul(params)][:MAX_REPORTED_ITEM_ERRORS]
+            bad = [(index, problem) for index, params in enumerate(value) if (problem := _string_problem(params))]
             if bad:
-                raise serializers.ValidationError({str(i): ["NUL characters are not allowed."] for i in bad})
+                raise serializers.ValidationError({str(i): [problem] for i, problem in bad[:MAX_REPORTED_ITEM_ERRORS]})
         return value
 
 
-def _has_nul(value: object) -> bool:
+def _string_problem(value: object) -> str | None:
     stack = [value]
     while stack:
         current = stack.pop()
-        if isinstance(current, str) and "\x00" in current:
-            return True
+        if isinstance(current, str) and (problem := string_problem(current)) is not None:
+            return problem
         if isinstance(current, dict):
             stack.extend(current.keys())
             stack.extend(current.values())
         elif isinstance(current, list):
             stack.extend(current)
-    return False
+    return None
 
 
 class BatchSubmitSerializer(RejectUnknownFields):

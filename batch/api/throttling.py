@@ -1,4 +1,4 @@
-"""Throttling of submissions; the rate is read per request so settings can change it."""
+"""Throttling of submissions and resizes; the rate is read per request so settings can change it."""
 
 from __future__ import annotations
 
@@ -13,3 +13,12 @@ class SubmitRateThrottle(UserRateThrottle):
 
     def get_rate(self) -> str | None:
         return settings.BATCH_SUBMIT_THROTTLE_RATE or None
+
+
+class ResizeRateThrottle(UserRateThrottle):
+    """Per user: BATCH_RESIZE_THROTTLE_RATE (each resize writes an audit row); empty = off."""
+
+    scope = "batch_resize"
+
+    def get_rate(self) -> str | None:
+        return settings.BATCH_RESIZE_THROTTLE_RATE or None

@@ -9,7 +9,10 @@ from rest_framework.routers import DefaultRouter
 from batch.api.audit import BatchEventsView
 from batch.api.views import BatchViewSet
 
+# No format suffixes (`/api/batches.json`): the views take no `format` argument (they answered
+# 500), and `?format=json` or the Accept header already choose the renderer.
 router = DefaultRouter()
+router.include_format_suffixes = False
 router.register("batches", BatchViewSet, basename="batch")
 
 urlpatterns = [

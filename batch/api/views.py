@@ -12,7 +12,6 @@ import uuid
 from typing import Any, cast
 
 from adrf.viewsets import GenericViewSet
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
@@ -23,7 +22,7 @@ from rest_framework.response import Response
 from rest_framework.throttling import BaseThrottle
 
 from batch import selectors, services
-from batch.api import drain
+from batch.api import concurrency, drain
 from batch.api.exceptions import Conflict, DrainTimeout, PayloadTooLarge
 from batch.api.limits import CancelRateThrottle
 from batch.api.pagination import BatchPagination, ItemPagination
@@ -37,7 +36,7 @@ from batch.api.serializers import (
     ItemFilterSerializer,
     ItemSerializer,
 )
-from batch.api.throttling import SubmitRateThrottle
+from batch.api.throttling import ResizeRateThrottle, SubmitRateThrottle
 from batch.models import BatchJob, BatchStatus
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -72,7 +71,8 @@ def _validated(serializer_class: type[serializers.Serializer[Any]], data: Any) -
     items=extend_schema(parameters=[ItemFilterSerializer], responses={200: ItemSerializer(many=True)}),
 )
 class BatchViewSet(GenericViewSet):
-    """Batches of the authenticated user (staff: all). Another user's batch answers 404."""
+    """Your batches; every user's with the `batch.view_batchjob` permission (superusers have it).
+    A batch you may not see answers 404; one you see but may not change answers 403."""
 
     serializer_class = BatchSerializer
     pagination_class = BatchPagination
@@ -87,6 +87,8 @@ class BatchViewSet(GenericViewSet):
     def get_throttles(self) -> list[BaseThrottle]:
         if self.action in ("destroy", "cancel"):
             return [CancelRateThrottle()]
+        if self.action == "partial_update":
+            return [ResizeRateThrottle()]
         return [SubmitRateThrottle()] if self.action == "create" else []
 
     def get_serializer_class(self) -> type[serializers.BaseSerializer[Any]]:
@@ -116,6 +118,10 @@ class BatchViewSet(GenericViewSet):
 
     def create(self, request: Request) -> Response:
         """Submit a batch; with Idempotency-Key a retry returns the first batch (200)."""
+        with concurrency.submits.hold(request.user, limit=settings.BATCH_MAX_CONCURRENT_SUBMITS_PER_USER):
+            return self._create(request)  # the body is parsed inside: parsing is the expensive part
+
+    def _create(self, request: Request) -> Response:
         body = _validated(BatchSubmitSerializer, request.data)
         key = request.headers.get(IDEMPOTENCY_HEADER) or None
         if key is not None and (len(key) > 255 or not key.isprintable()):
@@ -156,20 +162,26 @@ class BatchViewSet(GenericViewSet):
     async def _cancel(self, request: Request) -> Response:
         params = _validated(DrainSerializer, request.query_params)
         timeout = params.get("drain_timeout", settings.BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS)
-        batch = await sync_to_async(self.get_object)()  # visibility before state: 404 first
-        result = await sync_to_async(services.request_cancel)(batch_id=batch.pk, by=request.user)
+        limit = settings.BATCH_MAX_WAITING_CANCELS_PER_USER
+        with concurrency.cancel_waits.hold(request.user, limit=limit, retry_after=timeout):
+            return await self._cancel_and_wait(drain_seconds=timeout)
+
+    async def _cancel_and_wait(self, *, drain_seconds: float) -> Response:
+        # Every read gives its connection back: the wait below holds none (drain.released).
+        batch = await drain.released(self.get_object)()  # visibility before state: 404 first
+        result = await drain.released(services.request_cancel)(batch_id=batch.pk, by=self.request.user)
         if result.outcome is services.CancelOutcome.NOT_FOUND:
             raise exceptions.NotFound()
         if result.outcome is services.CancelOutcome.TERMINAL:
             status = result.batch.status if result.batch else batch.status  # as it is now, not as read before
             raise Conflict(f"The batch has already finished ({status}).")
-        waited = await drain.wait_while_cancelling(batch.pk, fetch=lambda: self._fresh(batch.pk), seconds=timeout)
+        waited = await drain.wait_while_cancelling(batch.pk, fetch=lambda: self._fresh(batch.pk), seconds=drain_seconds)
         if waited is None:
             raise exceptions.NotFound()
-        data = await sync_to_async(self._render)(waited)
+        data = await drain.released(self._render)(waited)
         if waited.status == BatchStatus.CANCELLING:
             raise DrainTimeout(
-                f"{waited.running_items} item(s) still running after {timeout:g}s; the cancel goes on.",
+                f"{waited.running_items} item(s) still running after {drain_seconds:g}s; the cancel goes on.",
                 extra={"batch": data, "running_items": waited.running_items},
             )
         return Response(data)

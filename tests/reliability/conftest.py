@@ -22,6 +22,7 @@ from tests.conftest import ROOT
 
 PRODUCTION = {
     "DJANGO_DEBUG": "0",
+    "BATCH_DEMO_HANDLERS": "1",  # they run demo.* handlers
     "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
     "DJANGO_SECURE_PROXY_SSL_HEADER": "1",  # as behind a TLS proxy: clients send X-Forwarded-Proto
     "BATCH_SUBMIT_THROTTLE_RATE": "",
