@@ -140,3 +140,36 @@ async def test_cpu_bound_sync_handlers_run_in_several_processes(tmp_path: Path) 
     pids = {pid for beats in beats_of(tmp_path).values() for pid, _ in beats}
     assert len(pids) >= 2 and os.getpid() not in pids  # off the worker's process, on several
     assert time.time() > 0
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_sigterm_never_leaves_one_item_running_on_two_workers(start_worker: Any, tmp_path: Path) -> None:
+    """Two `runbatch` processes at concurrency 1, one 4 s sync item that ignores cancellation:
+    SIGTERM to the worker running it, drain 0.5 s. Its handler process is killed before the
+    item goes back, so the other worker's run of it starts after the last heartbeat of the
+    first (before: the first worker's thread ran on for 4 s beside the second's run)."""
+    from tests.cluster_support import wait_until
+
+    env = {"BATCH_HANDLER_MODULES": "tests.process_handlers", "BATCH_WORKER_CONCURRENCY": "1"}
+    folder = tmp_path / "beats"
+    folder.mkdir()
+    batch = services.submit_batch(handler="test.proc.beats", items=[{"dir": str(folder), "seconds": 4}]).batch
+    first = start_worker("--drain-timeout", "0.5", env=env)
+    wait_until(lambda: (folder / "0").exists(), timeout=60, what="the first worker to run the item")
+    second = start_worker("--drain-timeout", "0.5", env=env)
+    first.terminate()
+    assert first.wait(timeout=30) == 0
+    beats_after_exit = len(beats_of(folder)[0])
+    batch.refresh_from_db()
+    wait_until(lambda: BatchJob.objects.get(pk=batch.pk).status == BatchStatus.SUCCEEDED, timeout=60, what="the batch")
+    second.terminate()
+    second.wait(timeout=30)
+    beats = beats_of(folder)[0]
+    pids = list(dict.fromkeys(pid for pid, _ in beats))
+    assert len(pids) == 2, "two runs: the stopped one and the one that finished"
+    first_run = [at for pid, at in beats if pid == pids[0]]
+    second_run = [at for pid, at in beats if pid == pids[1]]
+    assert max(first_run) < min(second_run), "the item ran on two workers at once"
+    assert len([b for b in beats[:beats_after_exit] if b[0] == pids[1]]) == 0
+    assert BatchJobItem.objects.get(batch=batch).attempts == 1  # the stopped run was given back, not counted
