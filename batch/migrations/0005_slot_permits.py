@@ -10,18 +10,16 @@ class Migration(migrations.Migration):
         ('batch', '0004_worker_share'),
     ]
 
+    # The worker share's columns leave the model but stay in the table for one release: workers
+    # of the previous release (a rolling deploy) still read and write them. A later migration
+    # drops them.
     operations = [
-        migrations.RemoveField(
-            model_name='batchjob',
-            name='worker_share',
-        ),
-        migrations.RemoveField(
-            model_name='batchjob',
-            name='worker_share_for',
-        ),
-        migrations.RemoveField(
-            model_name='batchjob',
-            name='worker_share_until',
+        migrations.SeparateDatabaseAndState(
+            state_operations=[
+                migrations.RemoveField(model_name='batchjob', name='worker_share'),
+                migrations.RemoveField(model_name='batchjob', name='worker_share_for'),
+                migrations.RemoveField(model_name='batchjob', name='worker_share_until'),
+            ],
         ),
         migrations.CreateModel(
             name='BatchPermit',
