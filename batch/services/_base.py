@@ -225,5 +225,5 @@ def db_now() -> datetime:
 def db_later_sql(seconds: float) -> tuple[str, list[Any]]:
     """SQL for the database's time `seconds` from now, and its parameters."""
     if connection.vendor == "postgresql":
-        return "now() + %s * interval '1 second'", [float(seconds)]
+        return "clock_timestamp() + %s * interval '1 second'", [float(seconds)]
     return "strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now', %s)", [f"{float(seconds):+.6f} seconds"]

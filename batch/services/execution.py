@@ -20,13 +20,15 @@ Lock order, as in every transaction here: the batch row before unleased items (a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -87,9 +89,34 @@ def _db_time(value: datetime) -> Any:
     return connection.ops.adapt_datetimefield_value(value)
 
 
-def _cast(expression: str, sql_type: str) -> str:
-    """PostgreSQL types the columns of a VALUES list as text; SQLite needs no cast."""
-    return f"CAST({expression} AS {sql_type})" if connection.vendor == "postgresql" else expression
+@contextlib.contextmanager
+def _cursor() -> Iterator[Any]:
+    """On PostgreSQL a psycopg cursor with server-side binding on Django's connection (same
+    transaction; Django's own quotes every value into the text in Python), so the step's rows
+    travel as binary arrays; on SQLite Django's cursor. Errors still become Django's."""
+    if connection.vendor != "postgresql":
+        with connection.cursor() as cursor:
+            yield cursor
+        return
+    connection.ensure_connection()
+    with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
+        yield cursor
+
+
+def _rows(types: Sequence[str], rows: Sequence[Sequence[Any]]) -> tuple[str, list[Any]]:
+    """A derived table `v` with columns c1, c2, … holding `rows`: one binary array per column
+    on PostgreSQL (`unnest`), a VALUES list on SQLite. The statements around it are the same."""
+    names = [f"c{n}" for n in range(1, len(types) + 1)]
+    if connection.vendor == "postgresql":
+        arrays = ", ".join(f"%b::{sql_type}[]" for sql_type in types)
+        return f"unnest({arrays}) AS v ({', '.join(names)})", [list(column) for column in zip(*rows, strict=True)]
+    marks = ", ".join([f"({', '.join(['%s'] * len(types))})"] * len(rows))
+    columns = ", ".join(f"column{n} AS {name}" for n, name in enumerate(names, 1))
+    return f"(SELECT {columns} FROM (VALUES {marks})) AS v", [value for row in rows for value in row]
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
 
 
 def _marks(values: Sequence[Any]) -> str:
@@ -101,15 +128,11 @@ def _start(batch_id: uuid.UUID, worker_id: str, starts: Sequence[Start], lease_s
     moved: set[int] = set()
     later, later_params = db_later_sql(lease_seconds)
     for chunk in chunks(starts, CHUNK_SIZE):
-        params: list[Any] = []
-        for start in chunk:
-            params += [start.item_id, _db_time(start.started_at)]
-        values = ", ".join(["(%s, %s)"] * len(chunk))
-        with connection.cursor() as cursor:
+        rows, params = _rows(["bigint", "timestamptz"], [(s.item_id, _db_time(s.started_at)) for s in chunk])
+        with _cursor() as cursor:
             cursor.execute(
-                "UPDATE batch_job_item SET status = %s, attempts = attempts + 1,"
-                f" started_at = {_cast('v.column2', 'timestamptz')}, lease_expires_at = {later}"
-                f" FROM (VALUES {values}) AS v WHERE batch_job_item.id = v.column1"
+                f"UPDATE batch_job_item SET status = %s, attempts = attempts + 1, started_at = v.c2,"
+                f" lease_expires_at = {later} FROM {rows} WHERE batch_job_item.id = v.c1"
                 " AND batch_job_item.batch_id = %s AND batch_job_item.status = %s AND batch_job_item.lease_owner = %s"
                 " RETURNING batch_job_item.id",
                 [ItemStatus.RUNNING, *later_params, *params, _db_uuid(batch_id), ItemStatus.PENDING, worker_id],
@@ -135,18 +158,23 @@ def _complete(worker_id: str, outcomes: Sequence[Outcome]) -> list[tuple[int, st
     """Outcomes of items still running under `worker_id`'s lease → written; (id, status) of each."""
     by_id = {outcome.item_id: outcome for outcome in outcomes}
     written: list[tuple[int, str]] = []
+    types = ["bigint", "text", "jsonb", "text", "timestamptz"]
     for chunk in chunks(by_id.values(), CHUNK_SIZE):
-        params: list[Any] = []
-        for o in chunk:
-            result = None if o.result is None else json.dumps(o.result)
-            params += [o.item_id, str(o.status), result, o.error, _db_time(o.finished_at)]
-        values = ", ".join(["(%s, %s, %s, %s, %s)"] * len(chunk))
-        with connection.cursor() as cursor:
+        values = [
+            (
+                o.item_id,
+                str(o.status),
+                None if o.result is None else json.dumps(o.result),
+                o.error,
+                _db_time(o.finished_at),
+            )
+            for o in chunk
+        ]
+        rows, params = _rows(types, values)
+        with _cursor() as cursor:
             cursor.execute(
-                f"UPDATE batch_job_item SET status = v.column2, result = {_cast('v.column3', 'jsonb')},"
-                f" error = v.column4, finished_at = {_cast('v.column5', 'timestamptz')},"
-                " lease_owner = '', lease_expires_at = NULL"
-                f" FROM (VALUES {values}) AS v WHERE batch_job_item.id = v.column1"
+                "UPDATE batch_job_item SET status = v.c2, result = v.c3, error = v.c4, finished_at = v.c5,"
+                f" lease_owner = '', lease_expires_at = NULL FROM {rows} WHERE batch_job_item.id = v.c1"
                 " AND batch_job_item.status = %s AND batch_job_item.lease_owner = %s"
                 " RETURNING batch_job_item.id, batch_job_item.status",
                 [*params, ItemStatus.RUNNING, worker_id],
@@ -175,7 +203,7 @@ def _fetch(batch_id: uuid.UUID, worker_id: str, limit: int, lease_seconds: float
     skip = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
     later, later_params = db_later_sql(lease_seconds)
     batch = _db_uuid(batch_id)
-    with connection.cursor() as cursor:
+    with _cursor() as cursor:
         cursor.execute(
             f"UPDATE batch_job_item SET lease_owner = %s, lease_expires_at = {later} WHERE id IN ("
             "SELECT id FROM batch_job_item WHERE batch_id = %s AND status = %s AND lease_owner = ''"
@@ -210,7 +238,7 @@ def _apply_counters(batch_id: uuid.UUID, *, started: int, finished: Sequence[str
     now = _db_time(timezone.now())
     params: list[Any] = [started - len(finished), succeeded, failed, gone, BatchStatus.PENDING, started]
     params += [BatchStatus.RUNNING, started, now, now, _db_uuid(batch_id)]
-    with connection.cursor() as cursor:
+    with _cursor() as cursor:
         cursor.execute(
             "UPDATE batch_job SET running_items = running_items + %s, succeeded_items = succeeded_items + %s,"
             " failed_items = failed_items + %s, cancelled_items = cancelled_items + %s,"
