@@ -29,8 +29,8 @@ def _stop_watcher() -> Any:
 def running_batch(owner: Any) -> BatchJob:
     """A batch with one item running on a worker that never reports: a cancel of it waits."""
     batch = services.submit_batch(handler="demo.sleep", items=[{"seconds": 60}], created_by=owner).batch
-    claim = services.claim_items(batch_id=batch.pk, worker_id="w-gone", limit=1, lease_seconds=300)
-    assert len(claim.items) == 1
+    started = services.claim_items(batch_id=batch.pk, worker_id="w-gone", limit=1, lease_seconds=300)
+    assert len(started) == 1
     return batch
 
 
