@@ -15,7 +15,8 @@ from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from batch.api.exceptions import PROBLEM_CONTENT_TYPE, problem
 from batch.metrics import DATABASE_REGISTRY
@@ -34,7 +35,7 @@ def metrics(request: HttpRequest) -> HttpResponse:
         body += generate_latest(DATABASE_REGISTRY)
     except DatabaseError:
         logger.warning("metrics: the database gauges are left out (database unreachable)", exc_info=True)
-    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)
+    return HttpResponse(body, content_type=CONTENT_TYPE_PLAIN_0_0_4)  # what every Prometheus reads
 
 
 def _refusal(request: HttpRequest) -> HttpResponse | None:
