@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import subprocess
 import time
 import urllib.error
@@ -20,7 +22,7 @@ from batch import metrics, services
 from batch.handlers import ItemContext, batch_handler
 from batch.models import BatchJob, BatchStatus
 from batch.worker import Worker, WorkerConfig
-from tests.conftest import worker_log
+from tests.conftest import ROOT, worker_log
 from tests.servers import free_port
 
 TOKEN = "metrics-token-for-the-tests-0123456789"
@@ -219,3 +221,14 @@ def test_runbatch_serves_its_metrics_on_the_metrics_port(start_worker: StartWork
     assert scrape(port) is None, "the metrics server ends with the worker"
     batch.refresh_from_db()
     assert batch.succeeded_items == 400
+
+
+def test_the_grafana_dashboard_reads_only_metrics_the_app_defines() -> None:
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"\bbatch_[a-z_]+", expr)}
+    defined = {sample.name for family in REGISTRY.collect() for sample in family.samples}
+    defined |= {f"{family.name}{suffix}" for family in REGISTRY.collect() for suffix in ("", "_total", "_bucket")}
+    defined |= {"batch_batches", "batch_items_pending"}  # the web process's database gauges
+    assert used and used <= defined, used - defined
+    assert any(expr.startswith("histogram_quantile(0.95, ") for expr in exprs)
