@@ -28,6 +28,11 @@ DEFAULTS: dict[str, Any] = {
     "BATCH_LOG_SUMMARY_SECONDS": 60.0,  # 0: no `worker summary` log lines
     "BATCH_HANDLER_MODULES": [],  # besides each installed app's `batch_handlers` module
     "BATCH_DEMO_HANDLERS": False,  # the built-in demo.* handlers (any user could hold workers)
+    # Prometheus metrics (batch/metrics.py).
+    "BATCH_METRICS_ENABLED": True,  # False: the engine's metric hooks do nothing
+    "BATCH_METRICS_PORT": 0,  # `runbatch` serves its metrics on this port; 0: off
+    "BATCH_METRICS_ADDR": "0.0.0.0",  # the address that server binds
+    "BATCH_METRICS_TOKEN": "",  # `Authorization: Bearer <token>` may read /metrics; "": staff sessions only
     # Input limits and throttles (API, admin, `submitbatch`).
     "BATCH_MAX_ITEMS_PER_BATCH": 100_000,
     "BATCH_MAX_ITEM_PARAMS_BYTES": 64 * 1024,

@@ -136,7 +136,10 @@ class SyncProcessPool:
             slot = await self._take()
             try:
                 reply = await self._run(slot, job, cancel_event, on_progress, timeout)
-            except BaseException:
+            except BaseException as exc:
+                from batch import metrics  # not at the top: the children import this module before Django
+
+                metrics.count_kill(exc)
                 await _uncancellable(self._end(slot))
                 raise
             if reply is None:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from batch import metrics
 from batch.handlers import HandlerSpec, ItemCancelled, ItemContext
 from batch.models import ItemStatus
 from batch.services import ClaimedItem, Outcome
@@ -92,6 +93,7 @@ class BatchRunner:
         self._forced = False
         self._releasing = False
         self._mean_duration: float | None = None
+        self._metrics = metrics.for_handler(handler.name)
         store.on_refused = self._drop_refused
         self._set_hold_target()
 
@@ -220,6 +222,7 @@ class BatchRunner:
             began = time.monotonic()
             outcome = await self._execute(item)
             duration = time.monotonic() - began
+            self._metrics.finished(outcome.status, duration)
             self._mean_duration = (
                 duration if self._mean_duration is None else 0.8 * self._mean_duration + 0.2 * duration
             )
@@ -240,6 +243,7 @@ class BatchRunner:
         (shutdown, a crash of the run) gives it back as pending for a later attempt."""
         if self._forced and not self._releasing:
             error = "Cancelled by force: the handler ignored cancellation past the drain deadline."
+            self._metrics.finished(ItemStatus.CANCELLED)
             await self.store.complete([Outcome(item.id, ItemStatus.CANCELLED, error=error)])
         else:
             await self.store.release([item.id])

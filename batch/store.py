@@ -20,7 +20,7 @@ from typing import ParamSpec, TypeVar
 from asgiref.sync import sync_to_async
 from django.db import DatabaseError, InterfaceError, InternalError, OperationalError, close_old_connections, connection
 
-from batch import services
+from batch import metrics, services
 from batch.models import ItemStatus
 from batch.services import ClaimedItem, Outcome, Start, Step, StepResult
 
@@ -204,9 +204,10 @@ class DatabaseStore:
             self.on_refused(result.refused)
 
     def _write(self, step: Step) -> StepResult:
-        return services.run_step(
-            batch_id=self.batch_id, worker_id=self.worker_id, lease_seconds=self.lease_seconds, step=step
-        )
+        with metrics.step_timer():
+            return services.run_step(
+                batch_id=self.batch_id, worker_id=self.worker_id, lease_seconds=self.lease_seconds, step=step
+            )
 
     async def _write_isolating_refusals(self, step: Step) -> StepResult:
         """Write; if the database refuses the step (a value it cannot store), write the outcomes

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from django.conf import settings
 
-from batch import selectors, services
+from batch import metrics, selectors, services
 from batch.handlers import HandlerSpec, UnknownHandler, get_handler
 from batch.models import TERMINAL_BATCH_STATUSES, BatchStatus
 from batch.notify import listen_for_control
@@ -122,6 +122,7 @@ class Worker:
         logger.info("worker started", extra={"worker_id": config.worker_id, "concurrency": config.concurrency})
         if config.handle_signals:
             self._install_signal_handlers()
+        metrics.track_worker(self)
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._heartbeat_loop())
@@ -135,6 +136,7 @@ class Worker:
             if self.observer is not None:
                 await self.observer(self, final=True)
         finally:
+            metrics.untrack_worker(self)
             await self.sync_calls.close()
             try:  # bounded: with the database down, exit anyway (the heartbeat just goes stale)
                 await asyncio.wait_for(
@@ -353,6 +355,7 @@ class Worker:
             lease_seconds=self.config.lease_seconds,
             requests=requests,
         )
+        metrics.observe_permit_sync(time.monotonic() - sent)
         for batch_id, grant in grants.items():
             runner, state = self.runners.get(batch_id), self.permits.get(batch_id)
             if runner is None or state is None:
@@ -391,7 +394,7 @@ class Worker:
             lease_seconds=self.config.lease_seconds,
         )
         self._last_renewal = sent
-        await call_db(services.recover_expired_leases)
+        metrics.count_recoveries(await call_db(services.recover_expired_leases))
 
     async def _sleep_unless_closed(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

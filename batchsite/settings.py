@@ -203,6 +203,13 @@ BATCH_HANDLER_MODULES = env_list("BATCH_HANDLER_MODULES", "")
 # The built-in `demo.*` handlers (`demo.sleep` lets any user hold workers for an hour): on
 # with DJANGO_DEBUG=1, off otherwise.
 BATCH_DEMO_HANDLERS = env_bool("BATCH_DEMO_HANDLERS", DEBUG)
+# Prometheus metrics (README: Metrics). Off, the engine's hooks do nothing (for an A/B of their cost).
+BATCH_METRICS_ENABLED = env_bool("BATCH_METRICS_ENABLED", True)
+# `runbatch` serves its own metrics on this port (0: off; `--metrics-port` overrides), bound to this address.
+BATCH_METRICS_PORT = env_int("BATCH_METRICS_PORT", 0, minimum=0)
+BATCH_METRICS_ADDR = env_str("BATCH_METRICS_ADDR", "0.0.0.0")
+# `/metrics` of the web process: staff sessions, and `Authorization: Bearer <this>` when set.
+BATCH_METRICS_TOKEN = env_str("BATCH_METRICS_TOKEN", "")
 
 # --- REST API (batch/api) -------------------------------------------------------------------
 # Bodies up to this size are accepted (413 above); 64 MiB fits 100,000 small items.

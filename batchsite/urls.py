@@ -12,6 +12,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/", include("batch.api.urls")),
     path("health/", health, name="health"),
+    path("metrics", include("batch.urls_metrics")),  # Prometheus (staff or BATCH_METRICS_TOKEN)
 ]
 
 handler404 = "batch.api.exceptions.page_not_found"

@@ -18,6 +18,7 @@ from typing import Any, ParamSpec, TypeVar
 from asgiref.sync import sync_to_async
 from django.db import connection
 
+from batch import metrics
 from batch.models import BatchJob, BatchStatus
 from batch.notify import control_watcher
 from batch.signals import batch_changed
@@ -60,7 +61,8 @@ async def wait_while_cancelling(
     None if it disappeared meanwhile.
     """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
+    began = loop.time()
+    deadline = began + seconds
     read = released(fetch)
     with control_watcher.watch(batch_id) as woken:
         while True:
@@ -68,6 +70,7 @@ async def wait_while_cancelling(
             batch = await read()
             remaining = deadline - loop.time()
             if batch is None or batch.status != BatchStatus.CANCELLING or remaining <= 0:
+                metrics.observe_cancel_drain(loop.time() - began, status=None if batch is None else batch.status)
                 return batch
             interval = SAFETY_POLL_SECONDS if control_watcher.listening else POLL_SECONDS
             with contextlib.suppress(TimeoutError):

@@ -15,6 +15,16 @@ def positive_int(raw: str) -> int:
     return value
 
 
+def port(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {raw!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 65535, got {value}")
+    return value
+
+
 def non_negative_float(raw: str) -> float:
     try:
         value = float(raw)

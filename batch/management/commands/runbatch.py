@@ -7,9 +7,11 @@ import sys
 import uuid
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from batch.management.commands._types import non_negative_float, positive_float, positive_int
+from batch import metrics
+from batch.management.commands._types import non_negative_float, port, positive_float, positive_int
 from batch.progress import ProgressDisplay
 from batch.services import InvalidValue
 from batch.worker import Worker, WorkerConfig
@@ -36,6 +38,11 @@ class Command(BaseCommand):
             default="auto",
             help="progress display (auto: on a terminal)",
         )
+        parser.add_argument(
+            "--metrics-port",
+            type=port,
+            help="serve Prometheus metrics on this port (0: off)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         config = WorkerConfig.from_settings(
@@ -51,7 +58,11 @@ class Command(BaseCommand):
         show = options["progress"] == "always" or (options["progress"] == "auto" and tty)
         interval = 0.5 if tty or options["progress"] == "always" else 2.0
         observer = ProgressDisplay(sys.stdout, in_place=tty, interval=interval) if show else None
+        metrics_port = settings.BATCH_METRICS_PORT if options["metrics_port"] is None else options["metrics_port"]
         try:
-            asyncio.run(Worker(config, observer=observer).run())
+            with metrics.serving(metrics_port, addr=settings.BATCH_METRICS_ADDR):
+                asyncio.run(Worker(config, observer=observer).run())
         except InvalidValue as exc:
             raise CommandError(exc.message) from None
+        except metrics.ServeError as exc:
+            raise CommandError(str(exc)) from None
