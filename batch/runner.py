@@ -93,6 +93,8 @@ class BatchRunner:
         self._forced = False
         self._releasing = False
         self._mean_duration: float | None = None
+        self._group: asyncio.TaskGroup | None = None
+        self._releases: set[asyncio.Future[None]] = set()  # kept referenced until done
         self._metrics = metrics.for_handler(handler.name)
         store.on_refused = self._drop_refused
         self._set_hold_target()
@@ -164,6 +166,7 @@ class BatchRunner:
         running ones; the held items go back."""
         try:
             async with asyncio.TaskGroup() as group:
+                self._group = group
                 while await self._acquire_slot():
                     item = self.store.take()
                     if item is None:
@@ -236,7 +239,26 @@ class BatchRunner:
             if self._running.get(item.id) is asyncio.current_task():
                 del self._running[item.id]
             self.stats.finished += 1
-            self._release_slot()
+            if not self._pass_slot_on():
+                self._release_slot()
+
+    def _pass_slot_on(self) -> bool:
+        """Start the next held item in the slot just freed, without a wake-up of the loop: only
+        while the batch goes on within its permits and no other batch here waits for a slot."""
+        waiting = self._worker_slots is not None and self._worker_slots.waiting
+        if self._group is None or self._stop.is_set() or waiting or self._limiter.in_use > self._limiter.capacity:
+            return False
+        successor = self.store.take()
+        if successor is None:
+            return False
+        try:
+            self._start(self._group, successor)
+        except RuntimeError:  # the group is shutting down (the run failed): the item goes back
+            release = asyncio.ensure_future(self.store.release([successor.id]))
+            self._releases.add(release)
+            release.add_done_callback(self._releases.discard)
+            return False
+        return True
 
     async def _settle_cancelled(self, item: ClaimedItem) -> None:
         """A force cancel ends the item cancelled; any other cancellation of its task
