@@ -1,13 +1,15 @@
 """Admin for batches and their items: read-only rows; changes only through the services.
 
-Cancel and resize are admin actions guarded by the model's `cancel_batchjob` and
-`resize_batchjob` permissions. Cancelling does not wait for the drain (the API does).
+Cancel, resize, pause and resume are admin actions guarded by the model's `cancel_batchjob`,
+`resize_batchjob` and `pause_batchjob` permissions. Cancelling and pausing do not wait for the
+running items (the API does).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from django import forms
@@ -77,7 +79,7 @@ class BatchJobAdmin(AuditTrailMixin, ReadOnlyAdmin):
     list_filter = ["status", "handler"]
     search_fields = ["name", "handler"]
     list_select_related = ["created_by"]
-    actions = ["cancel_batches", "resize_batches"]
+    actions = ["cancel_batches", "resize_batches", "pause_batches", "resume_batches"]
     readonly_fields = [
         "id",
         "name",
@@ -147,6 +149,33 @@ class BatchJobAdmin(AuditTrailMixin, ReadOnlyAdmin):
 
     def has_resize_permission(self, request: HttpRequest) -> bool:
         return bool(request.user.has_perm("batch.resize_batchjob"))
+
+    def has_pause_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.has_perm("batch.pause_batchjob"))
+
+    @admin.action(description="Pause selected batches", permissions=["pause"])
+    def pause_batches(self, request: HttpRequest, queryset: QuerySet[BatchJob]) -> None:
+        self._transition(request, queryset, services.pause_batch, done="Paused", refused="not pending or running")
+
+    @admin.action(description="Resume selected batches", permissions=["pause"])
+    def resume_batches(self, request: HttpRequest, queryset: QuerySet[BatchJob]) -> None:
+        self._transition(request, queryset, services.resume_batch, done="Resumed", refused="not paused")
+
+    def _transition(
+        self,
+        request: HttpRequest,
+        queryset: QuerySet[BatchJob],
+        service: Callable[..., services.TransitionResult],
+        *,
+        done: str,
+        refused: str,
+    ) -> None:
+        ids = queryset.values_list("pk", flat=True)
+        outcomes = Counter(service(batch_id=pk, by=request.user).outcome for pk in ids)
+        self.message_user(request, f"{done} {outcomes[services.Transition.APPLIED]} batch(es).")
+        skipped = outcomes[services.Transition.REFUSED] + outcomes[services.Transition.NOT_FOUND]
+        if skipped:
+            self.message_user(request, f"{skipped} skipped ({refused}).", messages.WARNING)
 
     @admin.action(description="Cancel selected batches", permissions=["cancel"])
     def cancel_batches(self, request: HttpRequest, queryset: QuerySet[BatchJob]) -> None:

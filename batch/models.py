@@ -12,13 +12,14 @@ from django.db.models import F, Q
 class BatchStatus(models.TextChoices):
     PENDING = "pending", "Pending"
     RUNNING = "running", "Running"
+    PAUSED = "paused", "Paused"
     CANCELLING = "cancelling", "Cancelling"
     SUCCEEDED = "succeeded", "Succeeded"
     FAILED = "failed", "Failed"
     CANCELLED = "cancelled", "Cancelled"
 
 
-ACTIVE_BATCH_STATUSES = (BatchStatus.PENDING, BatchStatus.RUNNING, BatchStatus.CANCELLING)
+ACTIVE_BATCH_STATUSES = (BatchStatus.PENDING, BatchStatus.RUNNING, BatchStatus.PAUSED, BatchStatus.CANCELLING)
 TERMINAL_BATCH_STATUSES = (BatchStatus.SUCCEEDED, BatchStatus.FAILED, BatchStatus.CANCELLED)
 
 
@@ -72,6 +73,7 @@ class BatchJob(models.Model):
         permissions = [
             ("cancel_batchjob", "Can cancel batch"),
             ("resize_batchjob", "Can resize batch"),
+            ("pause_batchjob", "Can pause and resume batch"),
         ]
         constraints = [
             models.CheckConstraint(condition=Q(status__in=BatchStatus.values), name="batch_job_status_valid"),
@@ -95,7 +97,7 @@ class BatchJob(models.Model):
         indexes = [
             models.Index(
                 fields=["created_at"],
-                condition=Q(status__in=["pending", "running", "cancelling"]),
+                condition=Q(status__in=["pending", "running", "paused", "cancelling"]),
                 name="batch_job_active_idx",
             ),
             models.Index(fields=["status", "-created_at"], name="batch_job_status_idx"),
@@ -213,6 +215,8 @@ class AuditAction(models.TextChoices):
     SUBMITTED = "submitted", "Submitted"
     CANCEL_REQUESTED = "cancel_requested", "Cancel requested"
     RESIZED = "resized", "Resized"
+    PAUSE_REQUESTED = "pause_requested", "Pause requested"
+    RESUMED = "resumed", "Resumed"
 
 
 class BatchAuditEvent(models.Model):

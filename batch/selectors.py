@@ -13,7 +13,7 @@ from django.db.models import Count, F, Q, QuerySet
 from django.db.models.functions import Now
 
 from batch import permissions
-from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
+from batch.models import BatchJob, BatchJobItem, BatchPermit, BatchStatus, ItemStatus
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,15 @@ def batch_states(batch_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, BatchState]:
         .values_list("id", "status", "max_parallel", "force_due")
     )
     return {pk: BatchState(status=status, max_parallel=mp, force_due=bool(due)) for pk, status, mp, due in rows}
+
+
+def pause_settled(batch: BatchJob) -> bool:
+    """Nothing of the batch runs and nothing can start: no running item, and no worker holds
+    a live permit of it (a worker records permits for whatever it may still run, including
+    starts it has not written yet; by the database's clock)."""
+    if batch.running_items:
+        return False
+    return not BatchPermit.objects.filter(batch_id=batch.pk, permits__gt=0, expires_at__gte=Now()).exists()
 
 
 def batches_for(user: AbstractBaseUser | AnonymousUser) -> QuerySet[BatchJob]:
