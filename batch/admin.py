@@ -89,6 +89,8 @@ class BatchJobAdmin(AuditTrailMixin, ReadOnlyAdmin):
         "max_parallel",
         "effective_parallel",
         "max_attempts",
+        "max_failures",
+        "deadline_seconds",
         "total_items",
         "pending_items",
         "running_items",
@@ -103,6 +105,7 @@ class BatchJobAdmin(AuditTrailMixin, ReadOnlyAdmin):
         "duration",
         "cancel_requested_at",
         "cancel_requested_by",
+        "status_reason",
         "idempotency_key",
         "audit_trail",
     ]

@@ -23,6 +23,14 @@ ACTIVE_BATCH_STATUSES = (BatchStatus.PENDING, BatchStatus.RUNNING, BatchStatus.P
 TERMINAL_BATCH_STATUSES = (BatchStatus.SUCCEEDED, BatchStatus.FAILED, BatchStatus.CANCELLED)
 
 
+class StatusReason(models.TextChoices):
+    """Why a batch was stopped (cancelled, or failed at its failure threshold)."""
+
+    REQUESTED = "requested", "Requested"  # by a user or a command (the actor is in the audit trail)
+    DEADLINE = "deadline", "Deadline"
+    FAILURE_THRESHOLD = "failure threshold", "Failure threshold"
+
+
 class ItemStatus(models.TextChoices):
     PENDING = "pending", "Pending"
     RUNNING = "running", "Running"
@@ -38,6 +46,13 @@ class BatchJob(models.Model):
     status = models.CharField(max_length=16, choices=BatchStatus.choices, default=BatchStatus.PENDING)
     max_parallel = models.PositiveIntegerField(default=4)
     max_attempts = models.PositiveSmallIntegerField(default=3)
+    # Stop the batch (like a cancel, then `failed`) once this many items have failed; None: never.
+    max_failures = models.PositiveIntegerField(null=True, blank=True)
+    # Cancel the batch this long after it started (by the database's clock); None: no deadline.
+    deadline_seconds = models.PositiveIntegerField(null=True, blank=True)
+    status_reason = models.CharField(  # noqa: DJ001 - NULL: not stopped; the contract's null
+        max_length=32, choices=StatusReason.choices, null=True, blank=True
+    )
     total_items = models.PositiveIntegerField(default=0)
     running_items = models.PositiveIntegerField(default=0)
     succeeded_items = models.PositiveIntegerField(default=0)
@@ -79,6 +94,13 @@ class BatchJob(models.Model):
             models.CheckConstraint(condition=Q(status__in=BatchStatus.values), name="batch_job_status_valid"),
             models.CheckConstraint(condition=Q(max_parallel__gte=1), name="batch_job_max_parallel_gte_1"),
             models.CheckConstraint(condition=Q(max_attempts__gte=1), name="batch_job_max_attempts_gte_1"),
+            models.CheckConstraint(
+                condition=Q(max_failures__isnull=True) | Q(max_failures__gte=1), name="batch_job_max_failures_gte_1"
+            ),
+            models.CheckConstraint(
+                condition=Q(deadline_seconds__isnull=True) | Q(deadline_seconds__gte=1),
+                name="batch_job_deadline_seconds_gte_1",
+            ),
             models.CheckConstraint(
                 condition=Q(
                     total_items__gte=F("running_items")

@@ -26,7 +26,7 @@ from django.conf import settings
 
 from batch import selectors, services
 from batch.handlers import HandlerSpec, UnknownHandler, get_handler
-from batch.models import TERMINAL_BATCH_STATUSES, BatchStatus
+from batch.models import TERMINAL_BATCH_STATUSES, BatchStatus, StatusReason
 from batch.notify import listen_for_control
 from batch.runner import BatchRunner
 from batch.slots import WorkerSlots
@@ -315,6 +315,9 @@ class Worker:
                 continue
             if state is None or state.status == BatchStatus.CANCELLING or state.status in TERMINAL_BATCH_STATUSES:
                 runner.cancel()
+            if state is not None and state.deadline_due:  # stop it now, not at the next heartbeat
+                await call_db(services.request_cancel, batch_id=batch_id, reason=StatusReason.DEADLINE)
+                runner.cancel()
             if state is not None and state.force_due:
                 runner.force_cancel()
             if state is not None and state.effective_parallel != permits.effective_parallel:
@@ -396,6 +399,7 @@ class Worker:
         )
         self._last_renewal = sent
         await call_db(services.recover_expired_leases)
+        await call_db(services.enforce_deadlines)  # also of batches nobody runs
 
     async def _sleep_unless_closed(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

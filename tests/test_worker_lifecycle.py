@@ -1,12 +1,14 @@
-"""The real worker (in this process) on a paused batch: it starts nothing while paused, then resumes."""
+"""The real worker (in this process) and the lifecycle: pause and resume, the failure threshold, the deadline."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.utils import timezone
 
 from batch import selectors, services
 from batch.handlers import ItemContext, batch_handler
@@ -80,3 +82,48 @@ def _granted_nothing(worker: Worker, batch: BatchJob) -> bool:
 
 async def _settled(batch: BatchJob) -> bool:
     return await sync_to_async(selectors.pause_settled)(await refreshed(batch))
+
+
+async def test_the_failure_threshold_stops_a_batch_on_a_real_worker_and_it_ends_failed() -> None:
+    """Three items fail, the rest would wait for an hour unless the batch is stopped."""
+    Gate.reset()
+    items = [{"fail": True}] * 3 + [{}] * 10
+    batch = await submit(handler="test.until_cancelled", items=items, max_parallel=2, max_failures=3)
+    worker = Worker(config(exit_when_idle=False, only_batch=batch.id))
+    await asyncio.wait_for(worker.run(), TIMEOUT)
+    done = await refreshed(batch)
+    assert (done.status, done.status_reason) == (BatchStatus.FAILED, "failure threshold")
+    assert (done.failed_items, done.cancelled_items, done.succeeded_items) == (3, 10, 0)
+    assert done.finished_at is not None
+
+
+async def test_a_deadline_cancels_a_running_batch_on_a_real_worker() -> None:
+    Gate.reset()
+    batch = await submit(handler="test.until_cancelled", items=[{}] * 4, max_parallel=2, deadline_seconds=1)
+    worker = Worker(config(exit_when_idle=False, only_batch=batch.id))
+    await asyncio.wait_for(worker.run(), TIMEOUT)
+    done = await refreshed(batch)
+    assert (done.status, done.status_reason, done.cancelled_items) == (BatchStatus.CANCELLED, "deadline", 4)
+    assert done.started_at is not None and done.cancel_requested_at is not None
+    assert (done.cancel_requested_at - done.started_at).total_seconds() >= 1
+    assert Gate.starts == 2
+
+
+async def test_a_deadline_cancels_a_paused_batch_nobody_runs_at_the_heartbeat() -> None:
+    batch = await submit(handler="demo.noop", items=[{}] * 3, deadline_seconds=5)
+    await sync_to_async(services.pause_batch)(batch_id=batch.id)
+    await BatchJob.objects.filter(pk=batch.pk).aupdate(started_at=timezone.now() - timedelta(seconds=10))
+    worker = Worker(config(exit_when_idle=False, only_batch=batch.id))
+    await asyncio.wait_for(worker.run(), TIMEOUT)  # it exits once the batch has finished
+    done = await refreshed(batch)
+    assert (done.status, done.status_reason, done.cancelled_items) == (BatchStatus.CANCELLED, "deadline", 3)
+    assert not worker.runners
+
+
+@batch_handler("test.until_cancelled")
+async def until_cancelled(params: dict[str, Any], ctx: ItemContext) -> None:
+    """Fails at once with `fail`; otherwise waits (cooperatively) until its batch is stopped."""
+    Gate.starts += 1
+    if params.get("fail"):
+        raise RuntimeError("asked to fail")
+    await ctx.sleep(3600)

@@ -28,7 +28,7 @@ from batch.services._base import (
     SubmitResult,
     effective_parallel,
 )
-from batch.services.control import cancel_deadline, request_cancel, resize_batch
+from batch.services.control import cancel_deadline, enforce_deadlines, request_cancel, resize_batch
 from batch.services.execution import claim_items, complete_items, release_items, run_step
 from batch.services.leases import recover_expired_leases, register_worker, renew_leases, unregister_worker
 from batch.services.lifecycle import Transition, TransitionResult, pause_batch, resume_batch
@@ -58,6 +58,7 @@ __all__ = [
     "claim_items",
     "complete_items",
     "effective_parallel",
+    "enforce_deadlines",
     "fair_shares",
     "pause_batch",
     "recover_expired_leases",
