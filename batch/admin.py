@@ -1,8 +1,8 @@
 """Admin for batches and their items: read-only rows; changes only through the services.
 
-Cancel, resize, pause and resume are admin actions guarded by the model's `cancel_batchjob`,
-`resize_batchjob` and `pause_batchjob` permissions. Cancelling and pausing do not wait for the
-running items (the API does).
+Cancel, resize, pause, resume and retry are admin actions guarded by the model's
+`cancel_batchjob`, `resize_batchjob`, `pause_batchjob` and `retry_batchjob` permissions.
+Cancelling and pausing do not wait for the running items (the API does).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class BatchJobAdmin(AuditTrailMixin, ReadOnlyAdmin):
     list_filter = ["status", "handler"]
     search_fields = ["name", "handler"]
     list_select_related = ["created_by"]
-    actions = ["cancel_batches", "resize_batches", "pause_batches", "resume_batches"]
+    actions = ["cancel_batches", "resize_batches", "pause_batches", "resume_batches", "retry_batches"]
     readonly_fields = [
         "id",
         "name",
@@ -106,6 +106,7 @@ class BatchJobAdmin(AuditTrailMixin, ReadOnlyAdmin):
         "cancel_requested_at",
         "cancel_requested_by",
         "status_reason",
+        "retry_of",
         "idempotency_key",
         "audit_trail",
     ]
@@ -163,6 +164,18 @@ class BatchJobAdmin(AuditTrailMixin, ReadOnlyAdmin):
     @admin.action(description="Resume selected batches", permissions=["pause"])
     def resume_batches(self, request: HttpRequest, queryset: QuerySet[BatchJob]) -> None:
         self._transition(request, queryset, services.resume_batch, done="Resumed", refused="not paused")
+
+    def has_retry_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.has_perm("batch.retry_batchjob"))
+
+    @admin.action(description="Retry failed items of selected batches", permissions=["retry"])
+    def retry_batches(self, request: HttpRequest, queryset: QuerySet[BatchJob]) -> None:
+        ids = queryset.values_list("pk", flat=True)
+        outcomes = Counter(services.retry_batch(batch_id=pk, by=request.user).outcome for pk in ids)
+        self.message_user(request, f"Submitted {outcomes[services.RetryOutcome.CREATED]} retry batch(es).")
+        skipped = sum(n for outcome, n in outcomes.items() if outcome is not services.RetryOutcome.CREATED)
+        if skipped:
+            self.message_user(request, f"{skipped} skipped (not finished, or no failed items).", messages.WARNING)
 
     def _transition(
         self,
@@ -237,6 +250,7 @@ class BatchJobItemAdmin(ReadOnlyAdmin):
         "result",
         "error",
         "attempts",
+        "source_index",
         "lease_owner",
         "lease_expires_at",
         "started_at",

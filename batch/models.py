@@ -77,6 +77,8 @@ class BatchJob(models.Model):
         on_delete=models.SET_NULL,
         related_name="+",
     )
+    # The batch whose failed (or cancelled) items this one runs again; None: a fresh submit.
+    retry_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="retries")
     # NULL, not "": batches without a key must not collide in the unique constraint.
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
 
@@ -89,6 +91,7 @@ class BatchJob(models.Model):
             ("cancel_batchjob", "Can cancel batch"),
             ("resize_batchjob", "Can resize batch"),
             ("pause_batchjob", "Can pause and resume batch"),
+            ("retry_batchjob", "Can retry batch"),
         ]
         constraints = [
             models.CheckConstraint(condition=Q(status__in=BatchStatus.values), name="batch_job_status_valid"),
@@ -156,6 +159,7 @@ class BatchJobItem(models.Model):
     result = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True, default="")
     attempts = models.PositiveSmallIntegerField(default=0)
+    source_index = models.PositiveIntegerField(null=True, blank=True)  # its `index` in the batch retried
     lease_owner = models.CharField(max_length=200, blank=True, default="")
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -239,6 +243,7 @@ class AuditAction(models.TextChoices):
     RESIZED = "resized", "Resized"
     PAUSE_REQUESTED = "pause_requested", "Pause requested"
     RESUMED = "resumed", "Resumed"
+    RETRIED = "retried", "Retried"
 
 
 class BatchAuditEvent(models.Model):

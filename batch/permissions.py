@@ -5,7 +5,7 @@
   with `batch.add_batchjob`.
 - Other users' batches: `batch.view_batchjob` to see them (API, dashboard, WebSocket, admin),
   `batch.resize_batchjob` to resize, `batch.cancel_batchjob` to cancel and
-  `batch.pause_batchjob` to pause and resume them.
+  `batch.pause_batchjob` to pause and resume them, `batch.retry_batchjob` to retry them.
   Superusers have every permission; `is_staff` alone only opens the admin's door.
 """
 
@@ -21,6 +21,7 @@ SUBMIT = "batch.add_batchjob"
 CANCEL = "batch.cancel_batchjob"
 RESIZE = "batch.resize_batchjob"
 PAUSE = "batch.pause_batchjob"
+RETRY = "batch.retry_batchjob"
 
 User = AbstractBaseUser | AnonymousUser
 
@@ -55,6 +56,10 @@ def can_resize(user: User, batch: BatchJob) -> bool:
 def can_pause(user: User, batch: BatchJob) -> bool:
     """Pause and resume."""
     return _owns(user, batch) or _has(user, PAUSE)
+
+
+def can_retry(user: User, batch: BatchJob) -> bool:
+    return _owns(user, batch) or _has(user, RETRY)
 
 
 def dashboard_permissions(user: User) -> dict[str, bool]:

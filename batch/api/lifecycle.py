@@ -1,6 +1,6 @@
-"""Lifecycle actions of the batch API: pause (with a bounded wait) and resume.
+"""Lifecycle actions of the batch API: pause (with a bounded wait), resume and retry.
 
-A mixin of `views.BatchViewSet` (`/api/batches/{id}/pause/`, `…/resume/`). Visibility comes
+A mixin of `views.BatchViewSet` (`/api/batches/{id}/pause/`, `…/resume/`, `…/retry/`). Visibility comes
 first (404), then the permission (403, `batch.pause_batchjob` for others' batches), then the
 state (409). The pause waits like a cancel: async, holding no database connection between
 reads (`drain.wait_until`).
@@ -13,8 +13,8 @@ from typing import Any
 
 from adrf.viewsets import GenericViewSet
 from django.conf import settings
-from drf_spectacular.utils import extend_schema
-from rest_framework import exceptions
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import exceptions, serializers, status
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -22,12 +22,14 @@ from rest_framework.response import Response
 from batch import selectors, services
 from batch.api import concurrency, drain
 from batch.api.exceptions import Conflict, DrainTimeout
-from batch.api.serializers import BatchSerializer, DrainSerializer
+from batch.api.serializers import BatchRetrySerializer, BatchSerializer, DrainSerializer
 from batch.models import BatchJob, BatchStatus
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 class LifecycleActions(GenericViewSet):
-    """`pause` and `resume` for `BatchViewSet` (which provides the queryset and permissions)."""
+    """`pause`, `resume` and `retry` for `BatchViewSet` (which provides the queryset and permissions)."""
 
     @extend_schema(  # type: ignore[type-var]
         parameters=[DrainSerializer],
@@ -73,6 +75,33 @@ class LifecycleActions(GenericViewSet):
         assert result.batch is not None
         return Response(self._render_batch(result.batch))
 
+    @extend_schema(
+        request=BatchRetrySerializer,
+        parameters=[OpenApiParameter(IDEMPOTENCY_HEADER, str, OpenApiParameter.HEADER, required=False)],
+        responses={
+            201: BatchSerializer,
+            200: OpenApiResponse(BatchSerializer, description="Replay of an Idempotency-Key: the first retry."),
+        },
+        description="Run the failed (or also the cancelled) items of a finished batch again, as a new batch "
+        "with retry_of; 409 if the batch has not finished or has no such items.",
+    )
+    @action(detail=True, methods=["post"])
+    def retry(self, request: Request, pk: str) -> Response:
+        include = _validated(BatchRetrySerializer, request.data)["include"]
+        key = request.headers.get(IDEMPOTENCY_HEADER) or None
+        if key is not None and (len(key) > 255 or not key.isprintable()):
+            raise exceptions.ValidationError({IDEMPOTENCY_HEADER: ["At most 255 printable characters."]})
+        original = self.get_object()
+        result = services.retry_batch(batch_id=original.pk, include=include, by=request.user, idempotency_key=key)
+        if result.outcome is services.RetryOutcome.NOT_FOUND:
+            raise exceptions.NotFound()
+        if result.outcome in _RETRY_CONFLICTS:
+            raise Conflict(_RETRY_CONFLICTS[result.outcome].format(status=original.status))
+        assert result.batch is not None
+        data = self._render_batch(result.batch)
+        code = status.HTTP_201_CREATED if result.outcome is services.RetryOutcome.CREATED else status.HTTP_200_OK
+        return Response(data, status=code, headers={"Location": data["url"]})
+
     def _settled(self, batch_id: uuid.UUID) -> tuple[BatchJob, bool] | None:
         batch = self.get_queryset().filter(pk=batch_id).first()
         return None if batch is None else (batch, selectors.pause_settled(batch))
@@ -81,10 +110,21 @@ class LifecycleActions(GenericViewSet):
         return dict(BatchSerializer(batch, context=self.get_serializer_context()).data)
 
 
-def drain_params(request: Request) -> dict[str, Any]:
-    serializer = DrainSerializer(data=request.query_params)
+_RETRY_CONFLICTS = {
+    services.RetryOutcome.NOT_FINISHED: "Only a finished batch can be retried ({status}).",
+    services.RetryOutcome.NOTHING_TO_RETRY: "The batch has no items of the statuses asked for.",
+    services.RetryOutcome.KEY_IN_USE: "This Idempotency-Key was used for another batch.",
+}
+
+
+def _validated(serializer_class: type[serializers.Serializer[Any]], data: Any) -> dict[str, Any]:
+    serializer = serializer_class(data=data)
     serializer.is_valid(raise_exception=True)
     return dict(serializer.validated_data)
+
+
+def drain_params(request: Request) -> dict[str, Any]:
+    return _validated(DrainSerializer, request.query_params)
 
 
 def _pause_done(value: tuple[BatchJob, bool]) -> bool:

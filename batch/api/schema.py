@@ -17,7 +17,8 @@ _BY_METHOD: dict[str, tuple[int, ...]] = {
 }
 
 _WAITING = ("cancel", "pause")  # POST actions that wait and may answer 504
-_CONFLICTING = ("cancel", "pause", "resume")  # POST actions on a batch's state (409), with no body
+_CONFLICTING = ("cancel", "pause", "resume", "retry")  # POST actions refused by a batch's state (409)
+_BODILESS = ("cancel", "pause", "resume")  # POST actions without a body (no 413/415)
 
 
 class ProblemAutoSchema(AutoSchema):
@@ -29,7 +30,7 @@ class ProblemAutoSchema(AutoSchema):
                 continue
             if self.method == "POST" and code == 504 and action not in _WAITING:
                 continue
-            if self.method == "POST" and code in (413, 415) and action in _CONFLICTING:
+            if self.method == "POST" and code in (413, 415) and action in _BODILESS:
                 continue
             serializer = DrainTimeoutProblemSerializer if code == 504 else ProblemSerializer
             responses.setdefault(

@@ -40,6 +40,7 @@ BATCH_FIELDS = [
     "max_attempts",
     "max_failures",
     "deadline_seconds",
+    "retry_of",
     "owner",
     "url",
     "items_url",
@@ -139,6 +140,16 @@ class BatchResizeSerializer(RejectUnknownFields):
     max_parallel = serializers.IntegerField(min_value=1, max_value=MAX_PARALLEL_LIMIT)
 
 
+class BatchRetrySerializer(RejectUnknownFields):
+    include = serializers.ListField(
+        child=serializers.ChoiceField(choices=["failed", "cancelled"]),
+        allow_empty=False,
+        max_length=2,
+        default=["failed"],
+        help_text='The statuses of the items to run again: ["failed"] (default) or ["failed", "cancelled"].',
+    )
+
+
 class BatchFilterSerializer(serializers.Serializer[dict[str, Any]]):
     status = serializers.ChoiceField(choices=BatchStatus.choices, required=False)
     handler = serializers.CharField(max_length=200, required=False)
@@ -160,7 +171,18 @@ class DrainSerializer(serializers.Serializer[dict[str, Any]]):
 class ItemSerializer(serializers.ModelSerializer[BatchJobItem]):
     class Meta:
         model = BatchJobItem
-        fields = ["id", "index", "status", "params", "result", "error", "attempts", "started_at", "finished_at"]
+        fields = [
+            "id",
+            "index",
+            "source_index",
+            "status",
+            "params",
+            "result",
+            "error",
+            "attempts",
+            "started_at",
+            "finished_at",
+        ]
         read_only_fields = fields
 
 

@@ -31,6 +31,7 @@ from batch.api.permissions import BatchPermission
 from batch.api.serializers import (
     BatchFilterSerializer,
     BatchResizeSerializer,
+    BatchRetrySerializer,
     BatchSerializer,
     BatchSubmitSerializer,
     DrainSerializer,
@@ -91,12 +92,14 @@ class BatchViewSet(LifecycleActions, GenericViewSet):
             return [CancelRateThrottle()]
         if self.action == "partial_update":
             return [ResizeRateThrottle()]
-        return [SubmitRateThrottle()] if self.action == "create" else []
+        return [SubmitRateThrottle()] if self.action in ("create", "retry") else []
 
     def get_serializer_class(self) -> type[serializers.BaseSerializer[Any]]:
         # By method, not action: the browsable API renders its forms from the list/detail views.
         if self.action == "items":
             return ItemSerializer
+        if self.action == "retry":
+            return BatchRetrySerializer
         if self.request is not None and self.request.method == "POST" and self.action not in CONTROL_ACTIONS:
             return BatchSubmitSerializer
         if self.request is not None and self.request.method in ("PATCH", "PUT"):

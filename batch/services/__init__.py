@@ -9,6 +9,7 @@ the counters exact, and makes the parallelism cap hold across every worker proce
 - `execution`: the worker's hot path (starts, outcomes and the next items in one step; release on shutdown);
 - `control`: cancel and resize requests;
 - `lifecycle`: pause and resume (through the permits: a paused batch gets none);
+- `retry`: a new batch of a finished one's failed (or cancelled) items;
 - `leases`: lease renewal, recovery of a lost worker's items, worker registration.
 """
 
@@ -33,6 +34,7 @@ from batch.services.execution import claim_items, complete_items, release_items,
 from batch.services.leases import recover_expired_leases, register_worker, renew_leases, unregister_worker
 from batch.services.lifecycle import Transition, TransitionResult, pause_batch, resume_batch
 from batch.services.permits import Grant, PermitRequest, fair_shares, release_permits, sync_permits
+from batch.services.retry import RetryOutcome, RetryResult, retry_batch
 from batch.services.submit import MAX_REPORTED_ITEM_ERRORS, submit_batch
 
 __all__ = [
@@ -47,6 +49,8 @@ __all__ = [
     "InvalidValue",
     "Outcome",
     "PermitRequest",
+    "RetryOutcome",
+    "RetryResult",
     "Start",
     "Step",
     "StepResult",
@@ -69,6 +73,7 @@ __all__ = [
     "request_cancel",
     "resize_batch",
     "resume_batch",
+    "retry_batch",
     "run_step",
     "submit_batch",
     "sync_permits",
