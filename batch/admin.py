@@ -1,13 +1,15 @@
 """Admin for batches and their items: read-only rows; changes only through the services.
 
-Cancel and resize are admin actions guarded by the model's `cancel_batchjob` and
-`resize_batchjob` permissions. Cancelling does not wait for the drain (the API does).
+Cancel, resize, pause, resume and retry are admin actions guarded by the model's
+`cancel_batchjob`, `resize_batchjob`, `pause_batchjob` and `retry_batchjob` permissions.
+Cancelling and pausing do not wait for the running items (the API does).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from django import forms
@@ -77,7 +79,7 @@ class BatchJobAdmin(AuditTrailMixin, ReadOnlyAdmin):
     list_filter = ["status", "handler"]
     search_fields = ["name", "handler"]
     list_select_related = ["created_by"]
-    actions = ["cancel_batches", "resize_batches"]
+    actions = ["cancel_batches", "resize_batches", "pause_batches", "resume_batches", "retry_batches"]
     readonly_fields = [
         "id",
         "name",
@@ -87,6 +89,8 @@ class BatchJobAdmin(AuditTrailMixin, ReadOnlyAdmin):
         "max_parallel",
         "effective_parallel",
         "max_attempts",
+        "max_failures",
+        "deadline_seconds",
         "total_items",
         "pending_items",
         "running_items",
@@ -101,6 +105,8 @@ class BatchJobAdmin(AuditTrailMixin, ReadOnlyAdmin):
         "duration",
         "cancel_requested_at",
         "cancel_requested_by",
+        "status_reason",
+        "retry_of",
         "idempotency_key",
         "audit_trail",
     ]
@@ -147,6 +153,45 @@ class BatchJobAdmin(AuditTrailMixin, ReadOnlyAdmin):
 
     def has_resize_permission(self, request: HttpRequest) -> bool:
         return bool(request.user.has_perm("batch.resize_batchjob"))
+
+    def has_pause_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.has_perm("batch.pause_batchjob"))
+
+    @admin.action(description="Pause selected batches", permissions=["pause"])
+    def pause_batches(self, request: HttpRequest, queryset: QuerySet[BatchJob]) -> None:
+        self._transition(request, queryset, services.pause_batch, done="Paused", refused="not pending or running")
+
+    @admin.action(description="Resume selected batches", permissions=["pause"])
+    def resume_batches(self, request: HttpRequest, queryset: QuerySet[BatchJob]) -> None:
+        self._transition(request, queryset, services.resume_batch, done="Resumed", refused="not paused")
+
+    def has_retry_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.has_perm("batch.retry_batchjob"))
+
+    @admin.action(description="Retry failed items of selected batches", permissions=["retry"])
+    def retry_batches(self, request: HttpRequest, queryset: QuerySet[BatchJob]) -> None:
+        ids = queryset.values_list("pk", flat=True)
+        outcomes = Counter(services.retry_batch(batch_id=pk, by=request.user).outcome for pk in ids)
+        self.message_user(request, f"Submitted {outcomes[services.RetryOutcome.CREATED]} retry batch(es).")
+        skipped = sum(n for outcome, n in outcomes.items() if outcome is not services.RetryOutcome.CREATED)
+        if skipped:
+            self.message_user(request, f"{skipped} skipped (not finished, or no failed items).", messages.WARNING)
+
+    def _transition(
+        self,
+        request: HttpRequest,
+        queryset: QuerySet[BatchJob],
+        service: Callable[..., services.TransitionResult],
+        *,
+        done: str,
+        refused: str,
+    ) -> None:
+        ids = queryset.values_list("pk", flat=True)
+        outcomes = Counter(service(batch_id=pk, by=request.user).outcome for pk in ids)
+        self.message_user(request, f"{done} {outcomes[services.Transition.APPLIED]} batch(es).")
+        skipped = outcomes[services.Transition.REFUSED] + outcomes[services.Transition.NOT_FOUND]
+        if skipped:
+            self.message_user(request, f"{skipped} skipped ({refused}).", messages.WARNING)
 
     @admin.action(description="Cancel selected batches", permissions=["cancel"])
     def cancel_batches(self, request: HttpRequest, queryset: QuerySet[BatchJob]) -> None:
@@ -205,6 +250,7 @@ class BatchJobItemAdmin(ReadOnlyAdmin):
         "result",
         "error",
         "attempts",
+        "source_index",
         "lease_owner",
         "lease_expires_at",
         "started_at",

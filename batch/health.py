@@ -78,7 +78,7 @@ def cluster_health(*, min_workers: int = 1, worker_id: str | None = None) -> Clu
     return health
 
 
-_ACTIVE = [BatchStatus.PENDING, BatchStatus.RUNNING, BatchStatus.CANCELLING]
+_ACTIVE = [BatchStatus.PENDING, BatchStatus.RUNNING, BatchStatus.PAUSED, BatchStatus.CANCELLING]
 
 
 def _workers(now: datetime, stale_after: float) -> list[WorkerHealth]:

@@ -12,14 +12,23 @@ from django.db.models import F, Q
 class BatchStatus(models.TextChoices):
     PENDING = "pending", "Pending"
     RUNNING = "running", "Running"
+    PAUSED = "paused", "Paused"
     CANCELLING = "cancelling", "Cancelling"
     SUCCEEDED = "succeeded", "Succeeded"
     FAILED = "failed", "Failed"
     CANCELLED = "cancelled", "Cancelled"
 
 
-ACTIVE_BATCH_STATUSES = (BatchStatus.PENDING, BatchStatus.RUNNING, BatchStatus.CANCELLING)
+ACTIVE_BATCH_STATUSES = (BatchStatus.PENDING, BatchStatus.RUNNING, BatchStatus.PAUSED, BatchStatus.CANCELLING)
 TERMINAL_BATCH_STATUSES = (BatchStatus.SUCCEEDED, BatchStatus.FAILED, BatchStatus.CANCELLED)
+
+
+class StatusReason(models.TextChoices):
+    """Why a batch was stopped (cancelled, or failed at its failure threshold)."""
+
+    REQUESTED = "requested", "Requested"  # by a user or a command (the actor is in the audit trail)
+    DEADLINE = "deadline", "Deadline"
+    FAILURE_THRESHOLD = "failure threshold", "Failure threshold"
 
 
 class ItemStatus(models.TextChoices):
@@ -37,6 +46,13 @@ class BatchJob(models.Model):
     status = models.CharField(max_length=16, choices=BatchStatus.choices, default=BatchStatus.PENDING)
     max_parallel = models.PositiveIntegerField(default=4)
     max_attempts = models.PositiveSmallIntegerField(default=3)
+    # Stop the batch (like a cancel, then `failed`) once this many items have failed; None: never.
+    max_failures = models.PositiveIntegerField(null=True, blank=True)
+    # Cancel the batch this long after it started (by the database's clock); None: no deadline.
+    deadline_seconds = models.PositiveIntegerField(null=True, blank=True)
+    status_reason = models.CharField(  # noqa: DJ001 - NULL: not stopped; the contract's null
+        max_length=32, choices=StatusReason.choices, null=True, blank=True
+    )
     total_items = models.PositiveIntegerField(default=0)
     running_items = models.PositiveIntegerField(default=0)
     succeeded_items = models.PositiveIntegerField(default=0)
@@ -61,6 +77,8 @@ class BatchJob(models.Model):
         on_delete=models.SET_NULL,
         related_name="+",
     )
+    # The batch whose failed (or cancelled) items this one runs again; None: a fresh submit.
+    retry_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="retries")
     # NULL, not "": batches without a key must not collide in the unique constraint.
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
 
@@ -72,11 +90,20 @@ class BatchJob(models.Model):
         permissions = [
             ("cancel_batchjob", "Can cancel batch"),
             ("resize_batchjob", "Can resize batch"),
+            ("pause_batchjob", "Can pause and resume batch"),
+            ("retry_batchjob", "Can retry batch"),
         ]
         constraints = [
             models.CheckConstraint(condition=Q(status__in=BatchStatus.values), name="batch_job_status_valid"),
             models.CheckConstraint(condition=Q(max_parallel__gte=1), name="batch_job_max_parallel_gte_1"),
             models.CheckConstraint(condition=Q(max_attempts__gte=1), name="batch_job_max_attempts_gte_1"),
+            models.CheckConstraint(
+                condition=Q(max_failures__isnull=True) | Q(max_failures__gte=1), name="batch_job_max_failures_gte_1"
+            ),
+            models.CheckConstraint(
+                condition=Q(deadline_seconds__isnull=True) | Q(deadline_seconds__gte=1),
+                name="batch_job_deadline_seconds_gte_1",
+            ),
             models.CheckConstraint(
                 condition=Q(
                     total_items__gte=F("running_items")
@@ -95,7 +122,7 @@ class BatchJob(models.Model):
         indexes = [
             models.Index(
                 fields=["created_at"],
-                condition=Q(status__in=["pending", "running", "cancelling"]),
+                condition=Q(status__in=["pending", "running", "paused", "cancelling"]),
                 name="batch_job_active_idx",
             ),
             models.Index(fields=["status", "-created_at"], name="batch_job_status_idx"),
@@ -132,6 +159,7 @@ class BatchJobItem(models.Model):
     result = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True, default="")
     attempts = models.PositiveSmallIntegerField(default=0)
+    source_index = models.PositiveIntegerField(null=True, blank=True)  # its `index` in the batch retried
     lease_owner = models.CharField(max_length=200, blank=True, default="")
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -213,6 +241,9 @@ class AuditAction(models.TextChoices):
     SUBMITTED = "submitted", "Submitted"
     CANCEL_REQUESTED = "cancel_requested", "Cancel requested"
     RESIZED = "resized", "Resized"
+    PAUSE_REQUESTED = "pause_requested", "Pause requested"
+    RESUMED = "resumed", "Resumed"
+    RETRIED = "retried", "Retried"
 
 
 class BatchAuditEvent(models.Model):

@@ -4,7 +4,8 @@
 - Submitting: any authenticated user; with BATCH_SUBMIT_REQUIRES_PERMISSION=1 only users
   with `batch.add_batchjob`.
 - Other users' batches: `batch.view_batchjob` to see them (API, dashboard, WebSocket, admin),
-  `batch.resize_batchjob` to resize and `batch.cancel_batchjob` to cancel them.
+  `batch.resize_batchjob` to resize, `batch.cancel_batchjob` to cancel and
+  `batch.pause_batchjob` to pause and resume them, `batch.retry_batchjob` to retry them.
   Superusers have every permission; `is_staff` alone only opens the admin's door.
 """
 
@@ -19,6 +20,8 @@ VIEW = "batch.view_batchjob"
 SUBMIT = "batch.add_batchjob"
 CANCEL = "batch.cancel_batchjob"
 RESIZE = "batch.resize_batchjob"
+PAUSE = "batch.pause_batchjob"
+RETRY = "batch.retry_batchjob"
 
 User = AbstractBaseUser | AnonymousUser
 
@@ -48,6 +51,15 @@ def can_cancel(user: User, batch: BatchJob) -> bool:
 
 def can_resize(user: User, batch: BatchJob) -> bool:
     return _owns(user, batch) or _has(user, RESIZE)
+
+
+def can_pause(user: User, batch: BatchJob) -> bool:
+    """Pause and resume."""
+    return _owns(user, batch) or _has(user, PAUSE)
+
+
+def can_retry(user: User, batch: BatchJob) -> bool:
+    return _owns(user, batch) or _has(user, RETRY)
 
 
 def dashboard_permissions(user: User) -> dict[str, bool]:

@@ -9,11 +9,13 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import Count, F, Q, QuerySet
+from django.db.models import BooleanField, Count, F, Q, QuerySet
+from django.db.models.expressions import RawSQL
 from django.db.models.functions import Now
 
 from batch import permissions
-from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
+from batch.models import BatchJob, BatchJobItem, BatchPermit, BatchStatus, ItemStatus
+from batch.services._base import STOPPABLE, db_deadline_passed_sql
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,7 @@ class BatchState:
     status: str
     max_parallel: int
     force_due: bool = False  # past the cancel's force deadline, by the database's clock
+    deadline_due: bool = False  # unfinished and past its `deadline_seconds`, by the database's clock
 
     @property
     def effective_parallel(self) -> int:
@@ -46,10 +49,30 @@ def batch_states(batch_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, BatchState]:
     drain = timedelta(seconds=settings.BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS)
     rows = (
         BatchJob.objects.filter(pk__in=list(batch_ids))
-        .annotate(force_due=Q(cancel_requested_at__lte=Now() - drain))
-        .values_list("id", "status", "max_parallel", "force_due")
+        .annotate(
+            force_due=Q(cancel_requested_at__lte=Now() - drain),
+            deadline_due=RawSQL(db_deadline_passed_sql(), [], output_field=BooleanField()),
+        )
+        .values_list("id", "status", "max_parallel", "force_due", "deadline_due")
     )
-    return {pk: BatchState(status=status, max_parallel=mp, force_due=bool(due)) for pk, status, mp, due in rows}
+    return {
+        pk: BatchState(
+            status=status,
+            max_parallel=mp,
+            force_due=bool(due),
+            deadline_due=bool(overdue) and status in STOPPABLE,
+        )
+        for pk, status, mp, due, overdue in rows
+    }
+
+
+def pause_settled(batch: BatchJob) -> bool:
+    """Nothing of the batch runs and nothing can start: no running item, and no worker holds
+    a live permit of it (a worker records permits for whatever it may still run, including
+    starts it has not written yet; by the database's clock)."""
+    if batch.running_items:
+        return False
+    return not BatchPermit.objects.filter(batch_id=batch.pk, permits__gt=0, expires_at__gte=Now()).exists()
 
 
 def batches_for(user: AbstractBaseUser | AnonymousUser) -> QuerySet[BatchJob]:

@@ -26,7 +26,7 @@ from django.conf import settings
 
 from batch import metrics, selectors, services
 from batch.handlers import HandlerSpec, UnknownHandler, get_handler
-from batch.models import TERMINAL_BATCH_STATUSES, BatchStatus
+from batch.models import TERMINAL_BATCH_STATUSES, BatchStatus, StatusReason
 from batch.notify import listen_for_control
 from batch.runner import BatchRunner
 from batch.slots import WorkerSlots
@@ -51,6 +51,7 @@ class PermitState:
     effective_parallel: int = 0
     synced_at: float = field(default_factory=time.monotonic)
     resync: bool = False  # a notification or a change asks for a sync at the next watch tick
+    paused: bool = False  # the batch is paused: it wants no permits (it would get none)
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ class Worker:
             runner, state = self.runners.get(key), self.permits.get(key)
             if kind == "cancel" and runner is not None:
                 runner.cancel()
-            if state is not None and kind in ("cancel", "resize", "permits"):
+            if state is not None and kind in ("cancel", "resize", "permits", "pause", "resume"):
                 state.resync = True
         self.wake()
 
@@ -316,10 +317,15 @@ class Worker:
                 continue
             if state is None or state.status == BatchStatus.CANCELLING or state.status in TERMINAL_BATCH_STATUSES:
                 runner.cancel()
+            if state is not None and state.deadline_due:  # stop it now, not at the next heartbeat
+                await call_db(services.request_cancel, batch_id=batch_id, reason=StatusReason.DEADLINE)
+                runner.cancel()
             if state is not None and state.force_due:
                 runner.force_cancel()
             if state is not None and state.effective_parallel != permits.effective_parallel:
                 permits.effective_parallel, permits.resync = state.effective_parallel, True
+            if state is not None and (state.status == BatchStatus.PAUSED) != permits.paused:
+                permits.paused, permits.resync = state.status == BatchStatus.PAUSED, True
         await self._sync_permits([batch_id for batch_id in asked if self._sync_due(batch_id)])
 
     def _sync_due(self, batch_id: uuid.UUID) -> bool:
@@ -335,9 +341,10 @@ class Worker:
 
     def _demand(self, runner: BatchRunner, state: PermitState) -> int:
         """Permits a batch could use here: its cap, within this worker's share of its slots."""
-        if not runner.wants_more:
+        if not runner.wants_more or state.paused:
             return 0
-        share = max(1, -(-self.config.concurrency // max(len(self.runners), 1)))
+        wanting = sum(1 for s in self.permits.values() if not s.paused)  # a paused batch takes no share
+        share = max(1, -(-self.config.concurrency // max(wanting, 1)))
         return min(state.effective_parallel or self.config.concurrency, share)
 
     async def _sync_permits(self, batch_ids: list[uuid.UUID]) -> None:
@@ -395,6 +402,7 @@ class Worker:
         )
         self._last_renewal = sent
         metrics.count_recoveries(await call_db(services.recover_expired_leases))
+        await call_db(services.enforce_deadlines)  # also of batches nobody runs
 
     async def _sleep_unless_closed(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -223,7 +223,9 @@ def _profile(worker: WorkerProcess, out_dir: Path) -> subprocess.Popen[bytes]:
 
 def reset_tables() -> None:
     """Empty the engine's tables (and any that reference batches): same start every repetition."""
-    related = sorted({rel.related_model._meta.db_table for rel in BatchJob._meta.related_objects})
+    # Not batch_job itself (`retry_of` refers to it): it is emptied after the tables that reference it.
+    referencing = [rel.related_model for rel in BatchJob._meta.related_objects if rel.related_model is not BatchJob]
+    related = sorted({model._meta.db_table for model in referencing})
     tables = [connection.ops.quote_name(t) for t in [*related, "batch_job", "batch_worker"]]
     with connection.cursor() as cursor:
         if is_postgres():

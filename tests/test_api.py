@@ -39,7 +39,18 @@ BATCH_FIELDS = {
     "url",
     "items_url",
 }
-ITEM_FIELDS = {"id", "index", "status", "params", "result", "error", "attempts", "started_at", "finished_at"}
+ITEM_FIELDS = {
+    "id",
+    "index",
+    "source_index",
+    "status",
+    "params",
+    "result",
+    "error",
+    "attempts",
+    "started_at",
+    "finished_at",
+}
 
 
 @pytest.fixture(autouse=True, scope="module")

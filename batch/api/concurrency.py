@@ -49,3 +49,4 @@ class UserSlots:
 
 submits = UserSlots("submissions")
 cancel_waits = UserSlots("waiting cancels")
+pause_waits = UserSlots("waiting pauses")

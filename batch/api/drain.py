@@ -1,4 +1,4 @@
-"""Wait, without holding a thread, until a cancelling batch has drained.
+"""Wait, without holding a thread, until a cancelling batch has drained (or a pause settled).
 
 The waiter re-reads the one batch row when woken: on PostgreSQL by `notify.control_watcher`
 (the services' `pg_notify` after every change, from any process), in this process also by
@@ -35,6 +35,7 @@ batch_changed.connect(_on_batch_changed, dispatch_uid="batch.api.drain")
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 def released(func: Callable[P, R]) -> Callable[P, Awaitable[R]]:
@@ -60,6 +61,18 @@ async def wait_while_cancelling(
 
     None if it disappeared meanwhile.
     """
+    began = asyncio.get_running_loop().time()
+    batch = await wait_until(batch_id, fetch=fetch, done=lambda b: b.status != BatchStatus.CANCELLING, seconds=seconds)
+    waited = asyncio.get_running_loop().time() - began
+    metrics.observe_cancel_drain(waited, status=None if batch is None else batch.status)
+    return batch
+
+
+async def wait_until(
+    batch_id: uuid.UUID, *, fetch: Callable[[], T | None], done: Callable[[T], bool], seconds: float
+) -> T | None:
+    """What `fetch` (a sync read) returns once `done` says so or `seconds` passed; None if it
+    returned None (the batch disappeared). Re-read when the batch changes, else by polling."""
     loop = asyncio.get_running_loop()
     began = loop.time()
     deadline = began + seconds
@@ -67,11 +80,10 @@ async def wait_while_cancelling(
     with control_watcher.watch(batch_id) as woken:
         while True:
             woken.clear()  # before the read: a change after it will set the event again
-            batch = await read()
+            value = await read()
             remaining = deadline - loop.time()
-            if batch is None or batch.status != BatchStatus.CANCELLING or remaining <= 0:
-                metrics.observe_cancel_drain(loop.time() - began, status=None if batch is None else batch.status)
-                return batch
+            if value is None or done(value) or remaining <= 0:
+                return value
             interval = SAFETY_POLL_SECONDS if control_watcher.listening else POLL_SECONDS
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(woken.wait(), timeout=min(remaining, interval))

@@ -35,7 +35,7 @@ _TITLES = {
     415: ("unsupported-media-type", "Unsupported media type"),
     429: ("throttled", "Too many requests"),
     500: ("server-error", "Internal server error"),
-    504: ("drain-timeout", "Cancel drain timed out"),
+    504: ("drain-timeout", "Drain timed out"),
 }
 
 

@@ -14,7 +14,8 @@ from batch.models import BatchJob
 
 class BatchPermission(BasePermission):
     """The rules of `batch.permissions`: submit; cancel and resize your own batches, or others'
-    with `batch.cancel_batchjob` / `batch.resize_batchjob` (403: you can see the batch)."""
+    with `batch.cancel_batchjob` / `batch.resize_batchjob` / `batch.pause_batchjob` /
+    `batch.retry_batchjob` (403: you can see the batch)."""
 
     def has_permission(self, request: Request, view: APIView) -> bool:
         return getattr(view, "action", None) != "create" or permissions.can_submit(request.user)
@@ -27,4 +28,8 @@ class BatchPermission(BasePermission):
             return permissions.can_cancel(request.user, obj)
         if action == "partial_update":
             return permissions.can_resize(request.user, obj)
+        if action in ("pause", "resume"):
+            return permissions.can_pause(request.user, obj)
+        if action == "retry":
+            return permissions.can_retry(request.user, obj)
         return True

@@ -16,14 +16,21 @@ _BY_METHOD: dict[str, tuple[int, ...]] = {
     "DELETE": (409, 504),
 }
 
+_WAITING = ("cancel", "pause")  # POST actions that wait and may answer 504
+_CONFLICTING = ("cancel", "pause", "resume", "retry")  # POST actions refused by a batch's state (409)
+_BODILESS = ("cancel", "pause", "resume")  # POST actions without a body (no 413/415)
+
 
 class ProblemAutoSchema(AutoSchema):
     def _get_response_bodies(self, direction: Any = "response") -> dict[str, Any]:
         responses: dict[str, Any] = super()._get_response_bodies(direction)
+        action = getattr(self.view, "action", "")
         for code in (*_COMMON, *_BY_METHOD.get(self.method, ())):
-            if self.method == "POST" and code in (409, 504) and getattr(self.view, "action", "") != "cancel":
+            if self.method == "POST" and code == 409 and action not in _CONFLICTING:
                 continue
-            if self.method == "POST" and code in (413, 415) and getattr(self.view, "action", "") == "cancel":
+            if self.method == "POST" and code == 504 and action not in _WAITING:
+                continue
+            if self.method == "POST" and code in (413, 415) and action in _BODILESS:
                 continue
             serializer = DrainTimeoutProblemSerializer if code == 504 else ProblemSerializer
             responses.setdefault(

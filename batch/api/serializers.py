@@ -17,6 +17,7 @@ from batch.handlers import registered_handlers
 from batch.limits import string_problem
 from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
 from batch.services import MAX_PARALLEL_LIMIT, MAX_REPORTED_ITEM_ERRORS
+from batch.services.submit import MAX_ATTEMPTS_LIMIT, MAX_DEADLINE_SECONDS
 
 BATCH_FIELDS = [
     "id",
@@ -35,6 +36,11 @@ BATCH_FIELDS = [
     "started_at",
     "finished_at",
     "cancel_requested_at",
+    "status_reason",
+    "max_attempts",
+    "max_failures",
+    "deadline_seconds",
+    "retry_of",
     "owner",
     "url",
     "items_url",
@@ -103,6 +109,25 @@ class BatchSubmitSerializer(RejectUnknownFields):
         required=False, min_value=1, max_value=MAX_PARALLEL_LIMIT, help_text="Defaults to the global cap."
     )
     name = serializers.CharField(required=False, allow_blank=True, max_length=200, default="")
+    max_attempts = serializers.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=MAX_ATTEMPTS_LIMIT,
+        help_text="Attempts per item (default BATCH_MAX_ATTEMPTS).",
+    )
+    max_failures = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        min_value=1,
+        help_text="Stop the batch (it ends failed, status_reason 'failure threshold') once this many items failed.",
+    )
+    deadline_seconds = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        min_value=1,
+        max_value=MAX_DEADLINE_SECONDS,
+        help_text="Cancel the batch this many seconds after it started (status_reason 'deadline').",
+    )
 
     def get_fields(self) -> dict[str, serializers.Field[Any, Any, Any, Any]]:
         fields = super().get_fields()
@@ -113,6 +138,16 @@ class BatchSubmitSerializer(RejectUnknownFields):
 
 class BatchResizeSerializer(RejectUnknownFields):
     max_parallel = serializers.IntegerField(min_value=1, max_value=MAX_PARALLEL_LIMIT)
+
+
+class BatchRetrySerializer(RejectUnknownFields):
+    include = serializers.ListField(
+        child=serializers.ChoiceField(choices=["failed", "cancelled"]),
+        allow_empty=False,
+        max_length=2,
+        default=["failed"],
+        help_text='The statuses of the items to run again: ["failed"] (default) or ["failed", "cancelled"].',
+    )
 
 
 class BatchFilterSerializer(serializers.Serializer[dict[str, Any]]):
@@ -136,7 +171,18 @@ class DrainSerializer(serializers.Serializer[dict[str, Any]]):
 class ItemSerializer(serializers.ModelSerializer[BatchJobItem]):
     class Meta:
         model = BatchJobItem
-        fields = ["id", "index", "status", "params", "result", "error", "attempts", "started_at", "finished_at"]
+        fields = [
+            "id",
+            "index",
+            "source_index",
+            "status",
+            "params",
+            "result",
+            "error",
+            "attempts",
+            "started_at",
+            "finished_at",
+        ]
         read_only_fields = fields
 
 

@@ -24,12 +24,14 @@ from rest_framework.throttling import BaseThrottle
 from batch import selectors, services
 from batch.api import concurrency, drain
 from batch.api.exceptions import Conflict, DrainTimeout, PayloadTooLarge
+from batch.api.lifecycle import LifecycleActions
 from batch.api.limits import CancelRateThrottle
 from batch.api.pagination import BatchPagination, ItemPagination
 from batch.api.permissions import BatchPermission
 from batch.api.serializers import (
     BatchFilterSerializer,
     BatchResizeSerializer,
+    BatchRetrySerializer,
     BatchSerializer,
     BatchSubmitSerializer,
     DrainSerializer,
@@ -40,6 +42,7 @@ from batch.api.throttling import ResizeRateThrottle, SubmitRateThrottle
 from batch.models import BatchJob, BatchStatus
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+CONTROL_ACTIONS = ("cancel", "pause", "resume")  # POST actions that take no submission body
 _CANCEL_SCHEMA = extend_schema(
     parameters=[DrainSerializer],
     request=None,
@@ -70,7 +73,7 @@ def _validated(serializer_class: type[serializers.Serializer[Any]], data: Any) -
     cancel=_CANCEL_SCHEMA,
     items=extend_schema(parameters=[ItemFilterSerializer], responses={200: ItemSerializer(many=True)}),
 )
-class BatchViewSet(GenericViewSet):
+class BatchViewSet(LifecycleActions, GenericViewSet):
     """Your batches; every user's with the `batch.view_batchjob` permission (superusers have it).
     A batch you may not see answers 404; one you see but may not change answers 403."""
 
@@ -85,17 +88,19 @@ class BatchViewSet(GenericViewSet):
         return [*super().get_permissions(), BatchPermission()]
 
     def get_throttles(self) -> list[BaseThrottle]:
-        if self.action in ("destroy", "cancel"):
+        if self.action in ("destroy", *CONTROL_ACTIONS):
             return [CancelRateThrottle()]
         if self.action == "partial_update":
             return [ResizeRateThrottle()]
-        return [SubmitRateThrottle()] if self.action == "create" else []
+        return [SubmitRateThrottle()] if self.action in ("create", "retry") else []
 
     def get_serializer_class(self) -> type[serializers.BaseSerializer[Any]]:
         # By method, not action: the browsable API renders its forms from the list/detail views.
         if self.action == "items":
             return ItemSerializer
-        if self.request is not None and self.request.method == "POST" and self.action != "cancel":
+        if self.action == "retry":
+            return BatchRetrySerializer
+        if self.request is not None and self.request.method == "POST" and self.action not in CONTROL_ACTIONS:
             return BatchSubmitSerializer
         if self.request is not None and self.request.method in ("PATCH", "PUT"):
             return BatchResizeSerializer

@@ -8,6 +8,8 @@ the counters exact, and makes the parallelism cap hold across every worker proce
 - `permits`: slot permits, the one place a batch's cap is enforced;
 - `execution`: the worker's hot path (starts, outcomes and the next items in one step; release on shutdown);
 - `control`: cancel and resize requests;
+- `lifecycle`: pause and resume (through the permits: a paused batch gets none);
+- `retry`: a new batch of a finished one's failed (or cancelled) items;
 - `leases`: lease renewal, recovery of a lost worker's items, worker registration.
 """
 
@@ -27,10 +29,12 @@ from batch.services._base import (
     SubmitResult,
     effective_parallel,
 )
-from batch.services.control import cancel_deadline, request_cancel, resize_batch
+from batch.services.control import cancel_deadline, enforce_deadlines, request_cancel, resize_batch
 from batch.services.execution import claim_items, complete_items, release_items, run_step
 from batch.services.leases import recover_expired_leases, register_worker, renew_leases, unregister_worker
+from batch.services.lifecycle import Transition, TransitionResult, pause_batch, resume_batch
 from batch.services.permits import Grant, PermitRequest, fair_shares, release_permits, sync_permits
+from batch.services.retry import RetryOutcome, RetryResult, retry_batch
 from batch.services.submit import MAX_REPORTED_ITEM_ERRORS, submit_batch
 
 __all__ = [
@@ -45,16 +49,22 @@ __all__ = [
     "InvalidValue",
     "Outcome",
     "PermitRequest",
+    "RetryOutcome",
+    "RetryResult",
     "Start",
     "Step",
     "StepResult",
     "SubmitError",
     "SubmitResult",
+    "Transition",
+    "TransitionResult",
     "cancel_deadline",
     "claim_items",
     "complete_items",
     "effective_parallel",
+    "enforce_deadlines",
     "fair_shares",
+    "pause_batch",
     "recover_expired_leases",
     "register_worker",
     "release_items",
@@ -62,6 +72,8 @@ __all__ = [
     "renew_leases",
     "request_cancel",
     "resize_batch",
+    "resume_batch",
+    "retry_batch",
     "run_step",
     "submit_batch",
     "sync_permits",

@@ -22,6 +22,7 @@ from batch.models import (
     BatchJob,
     BatchStatus,
     ItemStatus,
+    StatusReason,
 )
 from batch.signals import batch_changed
 
@@ -135,12 +136,22 @@ def lock_batch(batch_id: uuid.UUID) -> BatchJob:
     return BatchJob.objects.select_for_update().get(pk=batch_id)
 
 
+# Statuses a stop (cancel, deadline, failure threshold) applies to.
+STOPPABLE = (BatchStatus.PENDING, BatchStatus.RUNNING, BatchStatus.PAUSED)
+
+
+def stopped_status(reason: str | None) -> BatchStatus:
+    """The terminal status of a stopped batch once nothing of it runs: `failed` at its failure
+    threshold, `cancelled` otherwise."""
+    return BatchStatus.FAILED if reason == StatusReason.FAILURE_THRESHOLD else BatchStatus.CANCELLED
+
+
 def finalize_if_done(batch: BatchJob, now: datetime) -> None:
     """Move a locked batch whose items have all stopped to its terminal status."""
     if batch.running_items or batch.pending_items or batch.is_terminal:
         return
     if batch.status == BatchStatus.CANCELLING:
-        batch.status = BatchStatus.CANCELLED
+        batch.status = stopped_status(batch.status_reason)
     elif batch.failed_items or batch.cancelled_items:
         batch.status = BatchStatus.FAILED
     else:
@@ -227,3 +238,17 @@ def db_later_sql(seconds: float) -> tuple[str, list[Any]]:
     if connection.vendor == "postgresql":
         return "clock_timestamp() + %s * interval '1 second'", [float(seconds)]
     return "strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now', %s)", [f"{float(seconds):+.6f} seconds"]
+
+
+def db_deadline_passed_sql() -> str:
+    """SQL (no parameters) true for a `batch_job` row whose `deadline_seconds` since `started_at`
+    have passed by the database's clock; one rule, written for each database."""
+    if connection.vendor == "postgresql":
+        return (
+            "(batch_job.deadline_seconds IS NOT NULL AND batch_job.started_at IS NOT NULL"
+            " AND batch_job.started_at + batch_job.deadline_seconds * interval '1 second' <= now())"
+        )
+    return (
+        "(batch_job.deadline_seconds IS NOT NULL AND batch_job.started_at IS NOT NULL"
+        " AND (julianday('now') - julianday(batch_job.started_at)) * 86400.0 >= batch_job.deadline_seconds)"
+    )

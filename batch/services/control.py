@@ -1,4 +1,4 @@
-"""Operator requests on a running batch: cancel (with its force deadline) and resize."""
+"""Operator requests on a running batch: cancel (with its force deadline), resize; deadlines."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import BooleanField
+from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
 from batch.models import (
@@ -16,16 +18,19 @@ from batch.models import (
     BatchJobItem,
     BatchStatus,
     ItemStatus,
+    StatusReason,
 )
 from batch.services._base import (
     COUNTER_FIELDS,
     MAX_PARALLEL_LIMIT,
+    STOPPABLE,
     Actor,
     CancelOutcome,
     CancelResult,
     InvalidValue,
     as_user,
     audit,
+    db_deadline_passed_sql,
     db_now,
     finalize_if_done,
     lock_batch,
@@ -35,11 +40,14 @@ from batch.services._base import (
 logger = logging.getLogger(__name__)
 
 
-def request_cancel(*, batch_id: uuid.UUID, by: Actor = None) -> CancelResult:
+def request_cancel(
+    *, batch_id: uuid.UUID, by: Actor = None, reason: StatusReason = StatusReason.REQUESTED
+) -> CancelResult:
     """Start cancelling: the batch → cancelling, its unleased pending items → cancelled at once.
 
     Workers see the request (notification, else their poll) and stop the running items
-    cooperatively; the last one to stop moves the batch to cancelled.
+    cooperatively; the last one to stop moves the batch to cancelled. `reason` becomes the
+    batch's `status_reason` (a user's request, or its deadline).
     """
     with transaction.atomic():
         try:
@@ -57,16 +65,31 @@ def request_cancel(*, batch_id: uuid.UUID, by: Actor = None) -> CancelResult:
         cancelled = BatchJobItem.objects.filter(batch_id=batch_id, status=ItemStatus.PENDING, lease_owner="").update(
             status=ItemStatus.CANCELLED, finished_at=now
         )
-        audit(batch_id, AuditAction.CANCEL_REQUESTED, by, now, status=batch.status, pending_cancelled=cancelled)
+        details = {"status": batch.status, "pending_cancelled": cancelled, "reason": str(reason)}
+        audit(batch_id, AuditAction.CANCEL_REQUESTED, by, now, **details)
         batch.cancelled_items += cancelled
         batch.status = BatchStatus.CANCELLING
+        batch.status_reason = reason
         batch.cancel_requested_at = now
         batch.cancel_requested_by = as_user(by)
         finalize_if_done(batch, now)
-        batch.save(update_fields=[*COUNTER_FIELDS, "cancel_requested_at", "cancel_requested_by"])
+        batch.save(update_fields=[*COUNTER_FIELDS, "cancel_requested_at", "cancel_requested_by", "status_reason"])
         notify(batch_id, "cancel")
     logger.info("batch cancel requested", extra={"batch_id": str(batch_id), "status": batch.status})
     return CancelResult(CancelOutcome.REQUESTED, batch)
+
+
+def enforce_deadlines() -> int:
+    """Cancel every unfinished batch whose `deadline_seconds` since it started have passed (by
+    the database's clock), reason `deadline`; also batches no worker runs. How many."""
+    overdue = (
+        BatchJob.objects.filter(status__in=STOPPABLE)
+        .alias(overdue=RawSQL(db_deadline_passed_sql(), [], output_field=BooleanField()))
+        .filter(overdue=True)
+        .values_list("pk", flat=True)
+    )
+    results = [request_cancel(batch_id=pk, reason=StatusReason.DEADLINE) for pk in list(overdue[:100])]
+    return sum(result.outcome is CancelOutcome.REQUESTED for result in results)
 
 
 def cancel_deadline(batch: BatchJob) -> datetime | None:

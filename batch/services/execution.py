@@ -33,19 +33,30 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from batch.models import TERMINAL_BATCH_STATUSES, BatchJob, BatchJobItem, BatchStatus, ItemStatus
+from batch.models import (
+    TERMINAL_BATCH_STATUSES,
+    AuditAction,
+    BatchJob,
+    BatchJobItem,
+    BatchStatus,
+    ItemStatus,
+    StatusReason,
+)
 from batch.services._base import (
+    STOPPABLE,
     ClaimedItem,
     Outcome,
     Start,
     Step,
     StepResult,
+    audit,
     chunks,
     db_later_sql,
     finalize_if_done,
     lock_batch,
     notify,
     save_counters,
+    stopped_status,
 )
 from batch.services.permits import PermitRequest, sync_permits
 
@@ -270,18 +281,26 @@ def _apply_counters(
             " started_at = CASE WHEN started_at IS NULL AND %s > 0 THEN %s ELSE started_at END, updated_at = %s"
             " WHERE id = %s"
             " RETURNING status, total_items, running_items, succeeded_items, failed_items, cancelled_items,"
-            " CASE WHEN started_at = %s THEN 1 ELSE 0 END",
+            " CASE WHEN started_at = %s THEN 1 ELSE 0 END, max_failures, status_reason",
             [*params, now],
         )
         row = cursor.fetchone()
         if row is None:
             return BatchStatus.CANCELLED  # deleted meanwhile
-        status, total, running, ok, bad, cancelled_now, began_now = row
+        status, total, running, ok, bad, cancelled_now, began_now, max_failures, reason = row
         if began_now and began:
             logger.info("batch started", extra={"batch_id": str(batch_id)})
+        if max_failures is not None and bad >= max_failures and status in STOPPABLE:
+            stopped = _stop_at_failure_threshold(cursor, batch_id)
+            if stopped is not None:
+                status, reason, cancelled_now = (
+                    BatchStatus.CANCELLING,
+                    StatusReason.FAILURE_THRESHOLD,
+                    cancelled_now + stopped,
+                )
         if running or total != ok + bad + cancelled_now or status in TERMINAL_BATCH_STATUSES:
             return str(status)
-        final = BatchStatus.CANCELLED if status == BatchStatus.CANCELLING else BatchStatus.FAILED
+        final = stopped_status(reason) if status == BatchStatus.CANCELLING else BatchStatus.FAILED
         if status != BatchStatus.CANCELLING and not bad and not cancelled_now:
             final = BatchStatus.SUCCEEDED
         cursor.execute(
@@ -289,6 +308,36 @@ def _apply_counters(
         )
     logger.info("batch finished", extra={"batch_id": str(batch_id), "status": final, "total": total})
     return str(final)
+
+
+def _stop_at_failure_threshold(cursor: Any, batch_id: uuid.UUID) -> int | None:
+    """The batch (its row locked by the counter update) has reached `max_failures`: stop it like
+    a cancel (it ends `failed`). One conditional UPDATE holds the rule; the unleased pending items
+    are cancelled at once, held ones by their workers. How many were cancelled; None if it did
+    not apply (already stopping)."""
+    now, now_params = db_later_sql(0)
+    batch = _db_uuid(batch_id)
+    cursor.execute(
+        f"UPDATE batch_job SET status = %s, status_reason = %s, cancel_requested_at = {now}"
+        f" WHERE id = %s AND status IN ({_marks(STOPPABLE)}) AND max_failures IS NOT NULL"
+        " AND failed_items >= max_failures RETURNING failed_items",
+        [BatchStatus.CANCELLING, StatusReason.FAILURE_THRESHOLD, *now_params, batch, *STOPPABLE],
+    )
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    cursor.execute(
+        f"UPDATE batch_job_item SET status = %s, finished_at = {now}"
+        " WHERE batch_id = %s AND status = %s AND lease_owner = ''",
+        [ItemStatus.CANCELLED, *now_params, batch, ItemStatus.PENDING],
+    )
+    cancelled = int(cursor.rowcount)
+    cursor.execute("UPDATE batch_job SET cancelled_items = cancelled_items + %s WHERE id = %s", [cancelled, batch])
+    reason = StatusReason.FAILURE_THRESHOLD
+    audit(batch_id, AuditAction.CANCEL_REQUESTED, None, timezone.now(), reason=reason, pending_cancelled=cancelled)
+    notify(batch_id, "cancel")
+    logger.warning("batch stopped at its failure threshold", extra={"batch_id": str(batch_id), "failed": row[0]})
+    return cancelled
 
 
 # --- conveniences (scripts, tests) and shutdown ---------------------------------------------

@@ -4,7 +4,9 @@ The cap rule: a worker starts an item of a batch only while it runs fewer of the
 than the permits the database last granted it, and the database grants permits only while the
 permits held by all workers fit within the batch's `effective_parallel` (checked here, under the
 batch-row lock). Permits are leased (by the database's clock): a worker that stops renewing
-loses them. Resize, cancel and sharing between workers all act through the next grant.
+loses them. Resize, pause, cancel and sharing between workers all act through the next grant:
+the cap is 0 unless the batch is pending or running (a paused, cancelling or finished batch
+gets no permits, so every worker starts nothing more of it).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from django.db import connection, transaction
 from django.db.models import Sum
 
 from batch.models import BatchJob, BatchPermit, BatchStatus
-from batch.services._base import CONTROL_CHANNEL, db_now, lock_batch
+from batch.services._base import CONTROL_CHANNEL, db_now, lock_batch, notify
 
-ACTIVE = (BatchStatus.PENDING, BatchStatus.RUNNING)
+GRANTING = (BatchStatus.PENDING, BatchStatus.RUNNING)  # the statuses whose batches get permits
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ def _sync_one(worker_id: str, lease_seconds: float, request: PermitRequest) -> G
         holders.filter(expires_at__lt=now).delete()
         rows = {row.worker_id: row for row in holders}
         mine = rows.pop(worker_id, None)
-        cap = batch.effective_parallel if batch.status in ACTIVE else 0
+        cap = batch.effective_parallel if batch.status in GRANTING else 0
         room = cap - sum(row.permits for row in rows.values())
         if settings.BATCH_MAX_RUNNING_PER_OWNER and batch.created_by_id is not None:
             room = min(room, _owner_room(batch, now, in_batch=cap - room))
@@ -93,6 +95,8 @@ def _sync_one(worker_id: str, lease_seconds: float, request: PermitRequest) -> G
         permits = max(request.holding, allowed)
         if allowed < request.demand and waiting is None and rows:
             _ask_holders(batch.pk)  # it starts waiting: the holders sync now, not at their heartbeat
+        if batch.status == BatchStatus.PAUSED and mine is not None and mine.permits > permits:
+            notify(batch.pk, "paused-permits")  # a waiting pause request may be done now
         if permits == 0 and request.demand == 0:
             if mine is not None:
                 mine.delete()

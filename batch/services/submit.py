@@ -84,6 +84,25 @@ def _validate_submission(handler: str, items: object, max_parallel: int, name: s
     return _validate_items(spec, items)
 
 
+MAX_ATTEMPTS_LIMIT = 100
+MAX_DEADLINE_SECONDS = 366 * 24 * 3600
+
+
+def _validate_stop_rules(*, max_attempts: int | None, max_failures: int | None, deadline_seconds: int | None) -> None:
+    bounds = {
+        "max_attempts": (max_attempts, MAX_ATTEMPTS_LIMIT),
+        "max_failures": (max_failures, None),
+        "deadline_seconds": (deadline_seconds, MAX_DEADLINE_SECONDS),
+    }
+    errors = {
+        name: [f"Must be at least 1{f' and at most {top}' if top else ''}, or null."]
+        for name, (value, top) in bounds.items()
+        if value is not None and (isinstance(value, bool) or value < 1 or (top is not None and value > top))
+    }
+    if errors:
+        raise SubmitError(errors)
+
+
 def submit_batch(
     *,
     handler: str,
@@ -92,6 +111,9 @@ def submit_batch(
     name: str = "",
     created_by: Actor = None,
     idempotency_key: str | None = None,
+    max_attempts: int | None = None,
+    max_failures: int | None = None,
+    deadline_seconds: int | None = None,
 ) -> SubmitResult:
     """Validate every item, then write the batch and all its items in one transaction.
 
@@ -106,6 +128,7 @@ def submit_batch(
         if existing is not None:
             return SubmitResult(batch=existing, created=False)
     max_parallel = settings.BATCH_GLOBAL_MAX_PARALLEL if max_parallel is None else max_parallel
+    _validate_stop_rules(max_attempts=max_attempts, max_failures=max_failures, deadline_seconds=deadline_seconds)
     validated = _validate_submission(handler, items, max_parallel, name)
     try:
         batch = _insert_batch(
@@ -115,6 +138,11 @@ def submit_batch(
             name=name,
             owner=owner,
             idempotency_key=idempotency_key,
+            stop_rules={
+                "max_attempts": max_attempts or settings.BATCH_MAX_ATTEMPTS,
+                "max_failures": max_failures,
+                "deadline_seconds": deadline_seconds,
+            },
         )
     except IntegrityError:
         if idempotency_key is None:
@@ -134,16 +162,17 @@ def _insert_batch(
     name: str,
     owner: User | None,
     idempotency_key: str | None,
+    stop_rules: dict[str, int | None],
 ) -> BatchJob:
     with transaction.atomic():
         batch = BatchJob.objects.create(
             handler=handler,
             name=name,
             max_parallel=max_parallel,
-            max_attempts=settings.BATCH_MAX_ATTEMPTS,
             total_items=len(params),
             created_by=owner,
             idempotency_key=idempotency_key,
+            **stop_rules,
         )
         _insert_items(batch.id, params)
         audit(batch.id, AuditAction.SUBMITTED, owner, batch.created_at, items=len(params), max_parallel=max_parallel)

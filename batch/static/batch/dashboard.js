@@ -113,6 +113,7 @@
     let eta = "–";
     if (TERMINAL.has(b.status)) eta = "done";
     else if (b.status === "cancelling") eta = "draining";
+    else if (b.status === "paused") eta = "paused";
     else if (speed > 0) eta = fmtDuration(remaining / speed);
     return {
       rate: speed === null ? "–" : speed.toFixed(speed < 10 ? 1 : 0) + " items/s",
