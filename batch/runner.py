@@ -148,9 +148,12 @@ class BatchRunner:
         self._halt()
 
     def _halt(self) -> None:
+        """Launch nothing more; the held items go back in the next write (with a cancel, the
+        same write as the outcomes of the items that stop, so the batch can end at once)."""
         self._stop.set()
         self._limiter.interrupt()
         self.store.hold_target = 0
+        self.store.trim(0)
 
     def abort(self) -> None:
         """Shutdown past its drain: stop the running items and give them back as pending."""
