@@ -6,7 +6,8 @@ the counters exact, and makes the parallelism cap hold across every worker proce
 
 - `submit`: validate and write a whole batch (all or nothing);
 - `permits`: slot permits, the one place a batch's cap is enforced;
-- `execution`: the worker's hot path (starts, outcomes and the next items in one step; release on shutdown);
+- `execution`: the worker's hot path (starts, outcomes and the next items in one step);
+- `items`: claim and complete in separate calls (scripts, tests), release on shutdown;
 - `control`: cancel and resize requests;
 - `lifecycle`: pause and resume (through the permits: a paused batch gets none);
 - `retry`: a new batch of a finished one's failed (or cancelled) items;
@@ -30,7 +31,8 @@ from batch.services._base import (
     effective_parallel,
 )
 from batch.services.control import cancel_deadline, enforce_deadlines, request_cancel, resize_batch
-from batch.services.execution import claim_items, complete_items, release_items, run_step
+from batch.services.execution import run_step
+from batch.services.items import claim_items, complete_items, release_items
 from batch.services.leases import recover_expired_leases, register_worker, renew_leases, unregister_worker
 from batch.services.lifecycle import Transition, TransitionResult, pause_batch, resume_batch
 from batch.services.permits import Grant, PermitRequest, fair_shares, release_permits, sync_permits
