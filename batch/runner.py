@@ -308,14 +308,8 @@ class BatchRunner:
                 on_progress=self._progress_callback(item),
                 item_timeout=self.item_timeout,
             )
-        ctx = ItemContext(
-            batch_id=self.batch_id,
-            item_id=item.id,
-            index=item.index,
-            attempt=item.attempt,
-            cancel_event=self.cancel_event,
-            _on_progress=self.on_progress,
-        )
+        ctx = self._context(item)
+        ctx._on_progress = self.on_progress
         if self.item_timeout is None:
             return await self.handler.call(params=item.params, ctx=ctx)
         deadline = asyncio.timeout(self.item_timeout)
@@ -331,16 +325,19 @@ class BatchRunner:
         if self.on_progress is None:
             return None
         report = self.on_progress
-        ctx = ItemContext(
-            batch_id=self.batch_id,
-            item_id=item.id,
-            index=item.index,
-            attempt=item.attempt,
-            cancel_event=self.cancel_event,
-        )
+        ctx = self._context(item)
 
         def on_progress(fraction: float, message: str) -> None:
             ctx.progress_fraction, ctx.progress_message = fraction, message
             report(ctx)
 
         return on_progress
+
+    def _context(self, item: ClaimedItem) -> ItemContext:
+        return ItemContext(
+            batch_id=self.batch_id,
+            item_id=item.id,
+            index=item.index,
+            attempt=item.attempt,
+            cancel_event=self.cancel_event,
+        )
