@@ -79,6 +79,8 @@ class BatchJob(models.Model):
     )
     # The batch whose failed (or cancelled) items this one runs again; None: a fresh submit.
     retry_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="retries")
+    # POSTed once the batch ends (see `batch.services.callbacks`); "": none.
+    callback_url = models.URLField(max_length=2000, blank=True, default="")
     # NULL, not "": batches without a key must not collide in the unique constraint.
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
 
@@ -160,6 +162,10 @@ class BatchJobItem(models.Model):
     error = models.TextField(blank=True, default="")
     attempts = models.PositiveSmallIntegerField(default=0)
     source_index = models.PositiveIntegerField(null=True, blank=True)  # its `index` in the batch retried
+    # A pending item waiting out a retry's backoff starts no earlier (the database's clock); NULL: now.
+    available_at = models.DateTimeField(null=True, blank=True)
+    # The last few failed attempts: [{"attempt": n, "error": "...", "at": iso time}, ...], oldest first.
+    errors = models.JSONField(default=list, blank=True)
     lease_owner = models.CharField(max_length=200, blank=True, default="")
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -216,6 +222,45 @@ class BatchPermit(models.Model):
 
     def __str__(self) -> str:
         return f"{self.batch_id}: {self.permits} for {self.worker_id}"
+
+
+class CallbackStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    DELIVERED = "delivered", "Delivered"
+    FAILED = "failed", "Failed"  # gave up after BATCH_CALLBACK_RETRY_SECONDS, or not allowed
+
+
+class BatchCallback(models.Model):
+    """The outbox of completion webhooks: one row per finished batch that names a
+    `callback_url`, written in the transaction of its final state and delivered (at least once)
+    by a worker. `body` is the JSON exactly as sent and signed."""
+
+    id = models.BigAutoField(primary_key=True)
+    batch = models.ForeignKey(BatchJob, on_delete=models.CASCADE, related_name="callbacks")
+    url = models.URLField(max_length=2000)
+    body = models.TextField()
+    status = models.CharField(max_length=16, choices=CallbackStatus.choices, default=CallbackStatus.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField()
+    next_attempt_at = models.DateTimeField()
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    last_status_code = models.PositiveIntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+    # A delivery in flight: the worker sending it, until when (then another may take it).
+    lease_owner = models.CharField(max_length=200, blank=True, default="")
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "batch_callback"
+        ordering = ["created_at", "id"]
+        verbose_name = "callback delivery"
+        verbose_name_plural = "callback deliveries"
+        indexes = [
+            models.Index(fields=["next_attempt_at"], condition=Q(status="pending"), name="batch_callback_due_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.batch_id} → {self.url} ({self.status})"
 
 
 class BatchWorker(models.Model):
