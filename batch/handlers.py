@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import random
 import threading
 import time
 import uuid
@@ -99,6 +100,35 @@ class ItemContext:
             self._on_progress(self)
 
 
+@dataclass(frozen=True)
+class Retry:
+    """A handler's retry policy: a failed attempt whose exception is one of `on` is tried again
+    (up to `attempts` in all, unless the batch sets its own `max_attempts`) after a backoff with
+    full jitter: a random delay between 0 and `min(max_delay, backoff * 2 ** (attempt - 1))`
+    seconds. The item timeout counts as a `TimeoutError`; a cancellation is never retried."""
+
+    attempts: int = 3
+    backoff: float = 2.0
+    max_delay: float = 60.0
+    on: tuple[type[BaseException], ...] = (Exception,)
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("Retry(attempts=...) must be at least 1")
+        if self.backoff < 0 or self.max_delay < 0:
+            raise ValueError("Retry backoff and max_delay must not be negative")
+        if not self.on or not all(isinstance(kind, type) and issubclass(kind, BaseException) for kind in self.on):
+            raise ValueError("Retry(on=...) must be a non-empty tuple of exception classes")
+
+    def applies_to(self, error: BaseException) -> bool:
+        return isinstance(error, self.on) and not isinstance(error, ItemCancelled)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1 for the first)."""
+        ceiling = min(self.max_delay, self.backoff * 2 ** min(attempt - 1, 62))
+        return random.uniform(0, ceiling)
+
+
 _validators = threading.local()
 
 
@@ -112,6 +142,7 @@ class HandlerSpec:
     # Sync handlers: "process" (killable worker processes, every core) or "thread" (for code
     # that cannot leave the worker process; a thread cannot be stopped by force).
     isolation: str = "process"
+    retry: Retry | None = None  # None: a failed attempt is final
 
     def validate(self, params: object) -> dict[str, Any]:
         """Validated params of one item, or `serializers.ValidationError` with the field errors."""
@@ -152,10 +183,15 @@ _registry: dict[str, HandlerSpec] = {}
 
 
 def batch_handler(
-    name: str, *, params: type[serializers.Serializer[Any]] | None = None, isolation: str = "process"
+    name: str,
+    *,
+    params: type[serializers.Serializer[Any]] | None = None,
+    isolation: str = "process",
+    retry: Retry | None = None,
 ) -> Callable[[HandlerFunc], HandlerFunc]:
     """Register `func` as the handler called `name`; a sync one runs in a worker process that
-    can be killed (`isolation="process"`) or, if it cannot leave the worker, in a thread."""
+    can be killed (`isolation="process"`) or, if it cannot leave the worker, in a thread.
+    `retry` tries failed attempts again (see `Retry`)."""
     if isolation not in ("process", "thread"):
         raise ValueError(f"isolation must be 'process' or 'thread', not {isolation!r}")
 
@@ -170,6 +206,7 @@ def batch_handler(
             is_async=inspect.iscoroutinefunction(func),
             description=inspect.getdoc(func) or "",
             isolation=isolation,
+            retry=retry,
         )
         return func
 

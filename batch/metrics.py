@@ -44,11 +44,14 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 ITEM_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 1800, 3600)
 DB_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 DRAIN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-OUTCOMES = (ItemStatus.SUCCEEDED, ItemStatus.FAILED, ItemStatus.CANCELLED)
+RETRIED = "retried"  # a failed attempt that will be tried again (the item is pending once more)
+OUTCOMES = (ItemStatus.SUCCEEDED, ItemStatus.FAILED, ItemStatus.CANCELLED, RETRIED)
 PENDING_STATUSES = ("pending", "running", "paused")  # batches whose pending items may still start
 
 ITEMS_FINISHED = Counter(
-    "batch_items_finished", "Items this worker finished, by handler and outcome.", ["handler", "outcome"]
+    "batch_items_finished",
+    "Attempts this worker finished, by handler and outcome (retried: tried again later).",
+    ["handler", "outcome"],
 )
 ITEM_SECONDS = Histogram(
     "batch_item_duration_seconds", "Time from a handler's start to its outcome.", ["handler"], buckets=ITEM_BUCKETS

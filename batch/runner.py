@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 HOLD_HORIZON = 0.02  # hold enough items to keep the slots busy this long without the database
 MAX_HOLD = 512
+MAX_ERROR_LENGTH = 4000  # characters of a failed attempt's error kept (an item keeps up to five)
 
 
 class BatchStore(Protocol):
@@ -228,7 +229,7 @@ class BatchRunner:
             began = time.monotonic()
             outcome = await self._execute(item)
             duration = time.monotonic() - began
-            self._metrics.finished(outcome.status, duration)
+            self._metrics.finished(metrics.RETRIED if outcome.retry_in is not None else outcome.status, duration)
             self._mean_duration = (
                 duration if self._mean_duration is None else 0.8 * self._mean_duration + 0.2 * duration
             )
@@ -279,11 +280,11 @@ class BatchRunner:
         except ItemCancelled:
             return Outcome(item.id, ItemStatus.CANCELLED, error="Cancelled at a checkpoint.")
         except HandlerTimeout as exc:
-            return Outcome(item.id, ItemStatus.FAILED, error=f"Timed out after {exc.seconds} s.")
+            return self._failure(item, exc, f"Timed out after {exc.seconds} s.")
         except Exception as exc:
             logger.warning("item failed", exc_info=True, extra={"batch_id": str(self.batch_id), "index": item.index})
             # PostgreSQL text cannot hold NUL: escape it rather than lose the whole write.
-            return Outcome(item.id, ItemStatus.FAILED, error=f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00"))
+            return self._failure(item, exc, f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00"))
         if result is None:
             return Outcome(item.id, ItemStatus.SUCCEEDED)
         try:
@@ -293,6 +294,16 @@ class BatchRunner:
         if "\\u0000" in encoded:
             return Outcome(item.id, ItemStatus.FAILED, error="Result contains a NUL character, which cannot be stored.")
         return Outcome(item.id, ItemStatus.SUCCEEDED, result=result)
+
+    def _failure(self, item: ClaimedItem, exc: BaseException, error: str) -> Outcome:
+        """A failed attempt: tried again after a backoff if the handler's `Retry` covers the
+        error and the batch allows another attempt, failed otherwise."""
+        if len(error) > MAX_ERROR_LENGTH:  # kept up to ERRORS_KEPT times: bounded
+            error = error[:MAX_ERROR_LENGTH] + " … (truncated)"
+        policy = self.handler.retry
+        if policy is None or item.attempt >= item.max_attempts or not policy.applies_to(exc):
+            return Outcome(item.id, ItemStatus.FAILED, error=error)
+        return Outcome(item.id, ItemStatus.PENDING, error=error, retry_in=policy.delay(item.attempt))
 
     async def _call(self, item: ClaimedItem) -> Any:
         """Run the handler; an item timeout counts from the moment the handler starts."""

@@ -9,13 +9,13 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import BooleanField, Count, F, Q, QuerySet
+from django.db.models import BooleanField, Count, Exists, F, OuterRef, Q, QuerySet
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Now
 
 from batch import permissions
 from batch.models import BatchJob, BatchJobItem, BatchPermit, BatchStatus, ItemStatus
-from batch.services._base import STOPPABLE, db_deadline_passed_sql
+from batch.services._base import STOPPABLE, db_deadline_passed_sql, db_later_sql
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,13 @@ class BatchState:
 def runnable_batches(
     *, exclude: Iterable[uuid.UUID] = (), only: uuid.UUID | None = None
 ) -> list[tuple[uuid.UUID, str, int | None]]:
-    """(id, handler, owner id) of batches with pending items, oldest first."""
+    """(id, handler, owner id) of batches with pending items, oldest first; not one whose
+    pending items all wait out a retry's backoff (it holds no permits meanwhile)."""
+    now, now_params = db_later_sql(0)
+    waited_out = Q(available_at__isnull=True) | Q(available_at__lte=RawSQL(now, now_params))
+    startable = BatchJobItem.objects.filter(waited_out, batch=OuterRef("pk"), status=ItemStatus.PENDING)
     batches = BatchJob.objects.filter(
+        Exists(startable),
         status__in=[BatchStatus.PENDING, BatchStatus.RUNNING],
         total_items__gt=F("running_items") + F("succeeded_items") + F("failed_items") + F("cancelled_items"),
     ).exclude(pk__in=list(exclude))

@@ -17,7 +17,7 @@ from typing import Any
 
 from rest_framework import serializers
 
-from batch.handlers import ItemContext, batch_handler
+from batch.handlers import ItemContext, Retry, batch_handler
 
 EVENTS_ENV = "CLUSTER_EVENTS_FILE"
 WORKER_ENV = "CLUSTER_WORKER_NAME"
@@ -53,6 +53,51 @@ async def cluster_sleep(params: dict[str, Any], ctx: ItemContext) -> dict[str, f
     finally:
         _record("end", ctx)
     return {"slept": params["seconds"]}
+
+
+class FixedRetry(Retry):
+    """Retries after exactly `max_delay` seconds (no jitter), so a test can see the wait."""
+
+    def delay(self, attempt: int) -> float:
+        return self.max_delay
+
+
+class FlakyParams(serializers.Serializer[Any]):
+    seconds = serializers.FloatField(min_value=0, max_value=60, default=0)
+    fail_attempts = serializers.IntegerField(min_value=0, max_value=100, default=1)
+    error = serializers.ChoiceField(choices=["connection", "value"], default="connection")
+
+
+FLAKY_RETRY = FixedRetry(attempts=3, max_delay=float(os.environ.get("CLUSTER_RETRY_DELAY", "1")), on=(ConnectionError,))
+
+
+def _flaky_outcome(params: dict[str, Any], ctx: ItemContext) -> dict[str, int]:
+    if ctx.attempt <= params["fail_attempts"]:
+        kind = ConnectionError if params["error"] == "connection" else ValueError
+        raise kind(f"attempt {ctx.attempt} failed")
+    return {"attempt": ctx.attempt}
+
+
+@batch_handler("cluster.flaky", params=FlakyParams, retry=FLAKY_RETRY)
+async def cluster_flaky(params: dict[str, Any], ctx: ItemContext) -> dict[str, int]:
+    """Sleeps `seconds`, then fails its first `fail_attempts` attempts (ConnectionError: retried)."""
+    _record("start", ctx)
+    try:
+        await ctx.sleep(params["seconds"])
+        return _flaky_outcome(params, ctx)
+    finally:
+        _record("end", ctx)
+
+
+@batch_handler("cluster.flaky_sync", params=FlakyParams, retry=FLAKY_RETRY)
+def cluster_flaky_sync(params: dict[str, Any], ctx: ItemContext) -> dict[str, int]:
+    """`cluster.flaky` as a plain `def` handler (it runs in a worker process)."""
+    _record("start", ctx)
+    try:
+        ctx.wait(params["seconds"])
+        return _flaky_outcome(params, ctx)
+    finally:
+        _record("end", ctx)
 
 
 @dataclass(frozen=True)

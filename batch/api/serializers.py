@@ -179,7 +179,9 @@ class ItemSerializer(serializers.ModelSerializer[BatchJobItem]):
             "params",
             "result",
             "error",
+            "errors",
             "attempts",
+            "available_at",
             "started_at",
             "finished_at",
         ]

@@ -86,6 +86,7 @@ class ClaimedItem:
     index: int
     params: dict[str, Any]
     attempt: int
+    max_attempts: int = 1  # the batch's: a failed attempt below it may be retried (handler's `Retry`)
 
 
 @dataclass(frozen=True)
@@ -107,11 +108,15 @@ class StepResult:
 
 @dataclass(frozen=True)
 class Outcome:
+    """How an attempt ended. A failed attempt to be tried again is `PENDING` with `retry_in`:
+    the item waits that many seconds (by the database's clock), holding no slot."""
+
     item_id: int
     status: ItemStatus
     result: Any = None
     error: str = ""
     finished_at: datetime = field(default_factory=partial(datetime.now, UTC))
+    retry_in: float | None = None
 
 
 @dataclass
@@ -238,6 +243,13 @@ def db_later_sql(seconds: float) -> tuple[str, list[Any]]:
     if connection.vendor == "postgresql":
         return "clock_timestamp() + %s * interval '1 second'", [float(seconds)]
     return "strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now', %s)", [f"{float(seconds):+.6f} seconds"]
+
+
+def db_later_column_sql(column: str) -> str:
+    """SQL for the database's time `column` (a number of seconds, in the same statement) from now."""
+    if connection.vendor == "postgresql":
+        return f"clock_timestamp() + {column} * interval '1 second'"
+    return f"strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now', printf('%%+.6f seconds', {column}))"
 
 
 def db_deadline_passed_sql() -> str:

@@ -6,8 +6,9 @@ and SQLite:
 
 1. `started`: held items the worker started → running (lease-guarded; a retried step's starts
    that already applied are accepted again, so a lost reply leaves no phantom running item);
-2. `outcomes`: items still running under the worker's lease → finished (a late result of an
-   item the worker lost is discarded);
+2. `outcomes`: items still running under the worker's lease → finished, or back to pending
+   after a backoff for a failed attempt to be retried (a late result of an item the worker lost
+   is discarded; a retry in a batch that is being stopped is cancelled instead);
 3. `give_back`: held items it no longer wants → unleased, or cancelled in a cancelling batch
    (only this part locks the batch row first: it serializes with a cancel);
 4. the counters change by the deltas of 1 to 3 in one UPDATE of the batch row, which also moves
@@ -49,6 +50,7 @@ from batch.services._base import (
     StepResult,
     audit,
     chunks,
+    db_later_column_sql,
     db_later_sql,
     lock_batch,
     notify,
@@ -58,6 +60,7 @@ from batch.services._base import (
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 500  # rows per UPDATE … FROM (VALUES …)
+ERRORS_KEPT = 5  # failed attempts kept in an item's `errors`
 ACTIVE = (BatchStatus.PENDING, BatchStatus.RUNNING)
 
 
@@ -76,8 +79,14 @@ def run_step(*, batch_id: uuid.UUID, worker_id: str, lease_seconds: float, step:
         if new_starts or done or cancelled:
             from_running = [status for _, status, was_held in done if not was_held]
             ended_at_once = [status for _, status, was_held in done if was_held]
+            retried = [item_id for item_id, status, _ in done if status == ItemStatus.PENDING]
             status = _apply_counters(
-                batch_id, started=new_starts, finished=from_running, at_once=ended_at_once, cancelled=cancelled
+                batch_id,
+                started=new_starts,
+                finished=from_running,
+                at_once=ended_at_once,
+                cancelled=cancelled,
+                retried=retried,
             )
             changed = sorted({*accepted, *(i for i, _, _ in done)})
             notify(batch_id, "completed", changed, wake=status in TERMINAL_BATCH_STATUSES)
@@ -138,7 +147,22 @@ def _ids(ids: Sequence[int]) -> tuple[str, list[Any]]:
 
 def _outcome_row(o: Outcome, started_at: datetime | None) -> tuple[Any, ...]:
     began = None if started_at is None else _db_time(started_at)
-    return (o.item_id, str(o.status), _json(o.result), o.error, _db_time(o.finished_at), began is not None, began)
+    finished, retry_in, at = _db_time(o.finished_at), o.retry_in, o.finished_at.isoformat()
+    return (o.item_id, str(o.status), _json(o.result), o.error, finished, began is not None, began, retry_in, at)
+
+
+def _errors_sql() -> str:
+    """The new `errors` of an outcome's row: with a failed attempt (failed, or pending again to
+    be retried) appended as {attempt, error, at}, the oldest dropped beyond ERRORS_KEPT."""
+    attempt = "attempts + CASE WHEN v.c6 THEN 1 ELSE 0 END"
+    if connection.vendor == "postgresql":
+        kept = f"CASE WHEN jsonb_array_length(errors) >= {ERRORS_KEPT} THEN errors - 0 ELSE errors END"
+        entry = f"jsonb_build_array(jsonb_build_object('attempt', {attempt}, 'error', v.c4, 'at', v.c9))"
+        added = f"{kept} || {entry}"
+    else:
+        kept = f"CASE WHEN json_array_length(errors) >= {ERRORS_KEPT} THEN json_remove(errors, '$[0]') ELSE errors END"
+        added = f"json_insert({kept}, '$[#]', json_object('attempt', {attempt}, 'error', v.c4, 'at', v.c9))"
+    return f"CASE WHEN v.c2 IN ('failed', 'pending') THEN {added} ELSE errors END"
 
 
 def _json(value: Any) -> str | None:
@@ -196,16 +220,19 @@ def _complete(
     held to finished in one write (its start counted), the usual case for short items."""
     by_id = {outcome.item_id: outcome for outcome in outcomes}
     written: list[tuple[int, str, bool]] = []
-    types = ["bigint", "text", "jsonb", "text", "timestamptz", "boolean", "timestamptz"]
+    types = ["bigint", "text", "jsonb", "text", "timestamptz", "boolean", "timestamptz", "float8", "text"]
     for chunk in chunks(by_id.values(), CHUNK_SIZE):
         values = [_outcome_row(o, started.get(o.item_id)) for o in chunk]
         rows, params = _rows(types, values)
         by_id_sql, id_params = _ids([o.item_id for o in chunk])
         with _cursor() as cursor:
+            # A retry (c8: its backoff) waits as pending, unstarted, until `available_at`.
             cursor.execute(
-                "UPDATE batch_job_item SET status = v.c2, result = v.c3, error = v.c4, finished_at = v.c5,"
+                f"UPDATE batch_job_item SET status = v.c2, result = v.c3, error = v.c4, errors = {_errors_sql()},"
+                " finished_at = CASE WHEN v.c8 IS NULL THEN v.c5 END,"
+                f" available_at = CASE WHEN v.c8 IS NULL THEN available_at ELSE {db_later_column_sql('v.c8')} END,"
                 " attempts = attempts + CASE WHEN v.c6 THEN 1 ELSE 0 END,"
-                " started_at = CASE WHEN v.c6 THEN v.c7 ELSE started_at END,"
+                " started_at = CASE WHEN v.c8 IS NOT NULL THEN NULL WHEN v.c6 THEN v.c7 ELSE started_at END,"
                 f" lease_owner = '', lease_expires_at = NULL FROM {rows} WHERE {by_id_sql} AND batch_job_item.id = v.c1"
                 " AND (batch_job_item.lease_owner = %s"
                 " AND batch_job_item.status = CASE WHEN v.c6 THEN 'pending' ELSE 'running' END) IS TRUE"
@@ -236,34 +263,43 @@ def _fetch(batch_id: uuid.UUID, worker_id: str, limit: int, lease_seconds: float
     """Up to `limit` unleased pending items of a running batch → held by `worker_id`."""
     skip = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
     later, later_params = db_later_sql(lease_seconds)
+    now, now_params = db_later_sql(0)
     batch = _db_uuid(batch_id)
     with _cursor() as cursor:
         cursor.execute(
             f"UPDATE batch_job_item SET lease_owner = %s, lease_expires_at = {later} WHERE id IN ("
             "SELECT id FROM batch_job_item WHERE batch_id = %s AND status = 'pending' AND lease_owner = ''"
+            f" AND (available_at IS NULL OR available_at <= {now})"
             f' ORDER BY "index" LIMIT %s{skip})'
             " AND EXISTS (SELECT 1 FROM batch_job WHERE id = %s AND status IN ('pending', 'running'))"
-            ' RETURNING id, "index", params, attempts',
-            [worker_id, *later_params, batch, limit, batch],
+            ' RETURNING id, "index", params, attempts, (SELECT max_attempts FROM batch_job WHERE id = %s)',
+            [worker_id, *later_params, batch, *now_params, limit, batch, batch],
         )
         rows = sorted(cursor.fetchall(), key=lambda row: row[1])
     # The attempt an item will be when it starts.
     return [
-        ClaimedItem(id=i, index=x, params=json.loads(p) if isinstance(p, str) else p, attempt=a + 1)
-        for i, x, p, a in rows
+        ClaimedItem(id=i, index=x, params=json.loads(p) if isinstance(p, str) else p, attempt=a + 1, max_attempts=m)
+        for i, x, p, a, m in rows
     ]
 
 
 def _apply_counters(
-    batch_id: uuid.UUID, *, started: int, finished: Sequence[str], at_once: Sequence[str], cancelled: int
+    batch_id: uuid.UUID,
+    *,
+    started: int,
+    finished: Sequence[str],
+    at_once: Sequence[str],
+    cancelled: int,
+    retried: Sequence[int],
 ) -> str:
     """Change the batch's counters by the step's deltas (the row lock is held only from here to
     the commit) and move its status on; the status after. `finished` ended from running,
-    `at_once` started and ended within the step (never counted as running)."""
+    `at_once` started and ended within the step (never counted as running); either may hold
+    `pending`: an attempt to be `retried` (their ids), which counts as no longer running only."""
     ended = [*finished, *at_once]
     succeeded = sum(1 for s in ended if s == ItemStatus.SUCCEEDED)
     failed = sum(1 for s in ended if s == ItemStatus.FAILED)
-    gone = len(ended) - succeeded - failed + cancelled
+    gone = sum(1 for s in ended if s == ItemStatus.CANCELLED) + cancelled
     began = started + len(at_once)
     now = _db_time(timezone.now())
     params: list[Any] = [started - len(finished), succeeded, failed, gone, BatchStatus.PENDING, began]
@@ -285,6 +321,8 @@ def _apply_counters(
         status, total, running, ok, bad, cancelled_now, began_now, max_failures, reason = row
         if began_now and began:
             logger.info("batch started", extra={"batch_id": str(batch_id)})
+        if retried and status == BatchStatus.CANCELLING:
+            cancelled_now += _cancel_retries(cursor, batch_id, retried)
         if max_failures is not None and bad >= max_failures and status in STOPPABLE:
             stopped = _stop_at_failure_threshold(cursor, batch_id)
             if stopped is not None:
@@ -303,6 +341,21 @@ def _apply_counters(
         )
     logger.info("batch finished", extra={"batch_id": str(batch_id), "status": final, "total": total})
     return str(final)
+
+
+def _cancel_retries(cursor: Any, batch_id: uuid.UUID, item_ids: Sequence[int]) -> int:
+    """Retries in a batch being stopped: cancelled now. Its stop cancelled the unleased pending
+    items before these were (the batch row's lock orders the two), so nobody else would."""
+    now, now_params = db_later_sql(0)
+    cursor.execute(
+        f"UPDATE batch_job_item SET status = %s, finished_at = {now}, available_at = NULL"
+        f" WHERE id IN ({_marks(item_ids)}) AND status = %s AND lease_owner = ''",
+        [ItemStatus.CANCELLED, *now_params, *item_ids, ItemStatus.PENDING],
+    )
+    count = int(cursor.rowcount)
+    batch = _db_uuid(batch_id)
+    cursor.execute("UPDATE batch_job SET cancelled_items = cancelled_items + %s WHERE id = %s", [count, batch])
+    return count
 
 
 def _stop_at_failure_threshold(cursor: Any, batch_id: uuid.UUID) -> int | None:

@@ -139,7 +139,7 @@ def submit_batch(
             owner=owner,
             idempotency_key=idempotency_key,
             stop_rules={
-                "max_attempts": max_attempts or settings.BATCH_MAX_ATTEMPTS,
+                "max_attempts": max_attempts or default_attempts(get_handler(handler)),
                 "max_failures": max_failures,
                 "deadline_seconds": deadline_seconds,
             },
@@ -152,6 +152,12 @@ def submit_batch(
             raise
         return SubmitResult(batch=existing, created=False)
     return SubmitResult(batch=batch, created=True)
+
+
+def default_attempts(spec: HandlerSpec) -> int:
+    """Attempts per item of a batch that names none: its handler's `Retry`, else BATCH_MAX_ATTEMPTS.
+    They bound every attempt, retries after a failure and recoveries after a lost lease alike."""
+    return spec.retry.attempts if spec.retry is not None else settings.BATCH_MAX_ATTEMPTS
 
 
 def _insert_batch(
