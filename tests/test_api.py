@@ -43,6 +43,8 @@ ITEM_FIELDS = {
     "id",
     "index",
     "source_index",
+    "errors",
+    "available_at",
     "status",
     "params",
     "result",

@@ -1,7 +1,8 @@
 """A property test of the hot path against a model of its rules, on each database.
 
-Hypothesis drives random sequences of fetches, starts, outcomes, give-backs, retries of a step
-whose reply was lost, cancels, lease recoveries and resizes through the real services, and
+Hypothesis drives random sequences of fetches, starts, outcomes (retries after a backoff among
+them), give-backs, retries of a step whose reply was lost, cancels, lease recoveries and resizes
+through the real services, and
 after every step compares each item's (status, owner) and the batch's counters and status with
 a small Python model of the rules. The same test runs on SQLite and on PostgreSQL, so both
 databases are held to the same rules, and to each other.
@@ -37,6 +38,7 @@ class Item:
     status: str = ItemStatus.PENDING
     owner: str = ""
     attempts: int = 0
+    waiting: bool = False  # pending again after a failed attempt, its backoff not yet over
 
 
 @dataclass
@@ -59,6 +61,9 @@ class Model:
             item = self.items[outcome.item_id]
             if item.status == ItemStatus.RUNNING and item.owner == worker:
                 item.status, item.owner = outcome.status, ""
+                if outcome.retry_in is not None:
+                    item.waiting = self.status != "cancelling"
+                    item.status = ItemStatus.PENDING if item.waiting else ItemStatus.CANCELLED
         for item_id in step.give_back:
             item = self.items[item_id]
             if item.status == ItemStatus.PENDING and item.owner == worker:
@@ -68,6 +73,7 @@ class Model:
         self.settle(started=started)
         if self.status in ("pending", "running"):
             free = [i for i in self.ids if self.items[i].status == ItemStatus.PENDING and not self.items[i].owner]
+            free = [i for i in free if not self.items[i].waiting]
             for item_id in free[: step.fetch]:
                 self.items[item_id].owner = worker
 
@@ -109,6 +115,12 @@ class Model:
         self.settle()
 
 
+def outcome(item_id: int, status: str) -> Outcome:
+    if status == "retry":  # a failed attempt to be tried again after its backoff
+        return Outcome(item_id, ItemStatus.PENDING, error="ConnectionError: reset", retry_in=30)
+    return Outcome(item_id, ItemStatus(status))
+
+
 class StepMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -126,19 +138,25 @@ class StepMachine(RuleBasedStateMachine):
     def fetch(self, worker: str, n: int) -> None:
         self._step(worker, Step(fetch=n))
 
-    @rule(worker=st.sampled_from(WORKERS), n=st.integers(1, 2), finish=st.booleans())
-    def start(self, worker: str, n: int, finish: bool) -> None:
+    @rule(worker=st.sampled_from(WORKERS), n=st.integers(1, 2), finish=st.sampled_from([None, "succeeded", "retry"]))
+    def start(self, worker: str, n: int, finish: str | None) -> None:
         held = self.model.mine(worker, ItemStatus.PENDING)[:n]
         if not held:
             return
-        outcomes = [Outcome(held[0], ItemStatus.SUCCEEDED)] if finish else []  # started and done in one write
+        outcomes = [outcome(held[0], finish)] if finish else []  # started and done in one write
         self._step(worker, Step(started=[Start(i) for i in held], outcomes=outcomes))
 
-    @rule(worker=st.sampled_from(WORKERS), status=st.sampled_from(FINAL), fetch=st.integers(0, 2))
+    @rule(worker=st.sampled_from(WORKERS), status=st.sampled_from([*FINAL, "retry"]), fetch=st.integers(0, 2))
     def finish(self, worker: str, status: str, fetch: int) -> None:
         running = self.model.mine(worker, ItemStatus.RUNNING)[:1]
         if running:
-            self._step(worker, Step(outcomes=[Outcome(running[0], ItemStatus(status))], fetch=fetch))
+            self._step(worker, Step(outcomes=[outcome(running[0], status)], fetch=fetch))
+
+    @rule()
+    def backoffs_pass(self) -> None:
+        BatchJobItem.objects.filter(batch=self.batch, available_at__isnull=False).update(available_at=None)
+        for item in self.model.items.values():
+            item.waiting = False
 
     @rule(worker=st.sampled_from(WORKERS))
     def give_back(self, worker: str) -> None:
