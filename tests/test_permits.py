@@ -152,3 +152,15 @@ def test_lease_renewal_counts_from_the_databases_clock(submit: Submit, monkeypat
     expires = BatchJobItem.objects.get(pk=item.id).lease_expires_at
     assert expires is not None and expires > datetime.now(UTC) + timedelta(seconds=25)
     assert services.recover_expired_leases() == 0
+
+
+def test_a_batch_starts_its_deadline_by_the_databases_clock(submit: Submit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`started_at` is where `deadline_seconds` counts from: a worker an hour behind must not
+    make a batch look overdue (nor one ahead give it an hour more)."""
+    batch = submit("demo.noop", [{}], deadline_seconds=60)
+    behind = timezone.now() - timedelta(hours=1)
+    monkeypatch.setattr(timezone, "now", lambda: behind)
+    services.claim_items(batch_id=batch.pk, worker_id="w", limit=1, lease_seconds=30)
+    started_at = BatchJob.objects.get(pk=batch.pk).started_at
+    assert started_at is not None and abs((started_at - datetime.now(UTC)).total_seconds()) < 5
+    assert services.enforce_deadlines() == 0

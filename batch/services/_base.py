@@ -245,6 +245,13 @@ def db_later_sql(seconds: float) -> tuple[str, list[Any]]:
     return "strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now', %s)", [f"{float(seconds):+.6f} seconds"]
 
 
+def db_statement_now_sql() -> str:
+    """SQL (no parameters) for the database's time, the same wherever it occurs in one statement."""
+    if connection.vendor == "postgresql":
+        return "statement_timestamp()"
+    return "strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now')"
+
+
 def db_later_column_sql(column: str) -> str:
     """SQL for the database's time `column` (a number of seconds, in the same statement) from now."""
     if connection.vendor == "postgresql":

@@ -52,6 +52,7 @@ from batch.services._base import (
     chunks,
     db_later_column_sql,
     db_later_sql,
+    db_statement_now_sql,
     lock_batch,
     notify,
     stopped_status,
@@ -302,18 +303,19 @@ def _apply_counters(
     gone = sum(1 for s in ended if s == ItemStatus.CANCELLED) + cancelled
     began = started + len(at_once)
     now = _db_time(timezone.now())
+    stamp = db_statement_now_sql()  # `started_at` starts the deadline: the database's clock
     params: list[Any] = [started - len(finished), succeeded, failed, gone, BatchStatus.PENDING, began]
-    params += [BatchStatus.RUNNING, began, now, now, _db_uuid(batch_id)]
+    params += [BatchStatus.RUNNING, began, now, _db_uuid(batch_id)]
     with _cursor() as cursor:
         cursor.execute(
             "UPDATE batch_job SET running_items = running_items + %s, succeeded_items = succeeded_items + %s,"
             " failed_items = failed_items + %s, cancelled_items = cancelled_items + %s,"
             " status = CASE WHEN status = %s AND %s > 0 THEN %s ELSE status END,"
-            " started_at = CASE WHEN started_at IS NULL AND %s > 0 THEN %s ELSE started_at END, updated_at = %s"
+            f" started_at = CASE WHEN started_at IS NULL AND %s > 0 THEN {stamp} ELSE started_at END, updated_at = %s"
             " WHERE id = %s"
             " RETURNING status, total_items, running_items, succeeded_items, failed_items, cancelled_items,"
-            " CASE WHEN started_at = %s THEN 1 ELSE 0 END, max_failures, status_reason",
-            [*params, now],
+            f" CASE WHEN started_at = {stamp} THEN 1 ELSE 0 END, max_failures, status_reason",
+            params,
         )
         row = cursor.fetchone()
         if row is None:
