@@ -55,6 +55,7 @@ class BatchSerializer(serializers.ModelSerializer[BatchJob]):
     effective_parallel = serializers.IntegerField(read_only=True)
     pending_items = serializers.IntegerField(read_only=True)
     owner = serializers.CharField(source="created_by.username", read_only=True, allow_null=True, default=None)
+    callback_url = serializers.CharField(read_only=True, help_text="POSTed once the batch ends; empty: none.")
 
     class Meta:
         model = BatchJob
