@@ -7,7 +7,9 @@ import asyncio
 import hashlib
 import hmac
 import json
+import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from batch.models import BatchCallback, BatchJob, BatchStatus, CallbackStatus, I
 from batch.services import Outcome, callbacks
 from batch.signals import batch_finished
 from batch.worker import Worker, WorkerConfig
+from tests.conftest import worker_log
 from tests.problems import assert_problem
 
 SECRET = "test-webhook-secret"
@@ -113,10 +116,10 @@ def expected_signature(body: bytes) -> str:
 # --- helpers on the services --------------------------------------------------------------------
 
 
-def finish_items(batch: BatchJob, count: int, status: ItemStatus = ItemStatus.SUCCEEDED, worker: str = "w1") -> BatchJob:
-    items = services.claim_items(batch_id=batch.pk, worker_id=worker, limit=count, lease_seconds=30)
+def finish_items(batch: BatchJob, count: int, status: ItemStatus = ItemStatus.SUCCEEDED) -> BatchJob:
+    items = services.claim_items(batch_id=batch.pk, worker_id="w1", limit=count, lease_seconds=30)
     outcomes = [Outcome(item.id, status) for item in items]
-    return services.complete_items(batch_id=batch.pk, worker_id=worker, outcomes=outcomes)
+    return services.complete_items(batch_id=batch.pk, worker_id="w1", outcomes=outcomes)
 
 
 def finished_batch(url: str, *, items: int = 2) -> BatchJob:
@@ -241,13 +244,19 @@ def test_the_outbox_row_rolls_back_with_the_final_state(webhooks: Receiver) -> N
     class Abort(Exception):
         pass
 
+    seen_inside: list[tuple[str, bool]] = []
+
+    def finish_then_abort() -> None:
+        with transaction.atomic():
+            outcomes = [Outcome(item.id, ItemStatus.SUCCEEDED)]
+            done = services.complete_items(batch_id=batch.pk, worker_id="w1", outcomes=outcomes)
+            seen_inside.append((done.status, BatchCallback.objects.filter(batch=batch).exists()))
+            raise Abort
+
     (item,) = services.claim_items(batch_id=batch.pk, worker_id="w1", limit=1, lease_seconds=30)
-    with pytest.raises(Abort), transaction.atomic():
-        outcomes = [Outcome(item.id, ItemStatus.SUCCEEDED)]
-        done = services.complete_items(batch_id=batch.pk, worker_id="w1", outcomes=outcomes)
-        assert done.status == BatchStatus.SUCCEEDED
-        assert BatchCallback.objects.filter(batch=batch).exists()
-        raise Abort
+    with pytest.raises(Abort):
+        finish_then_abort()
+    assert seen_inside == [(BatchStatus.SUCCEEDED, True)]
     assert BatchJob.objects.get(pk=batch.pk).status == BatchStatus.RUNNING
     assert not BatchCallback.objects.exists()
 
@@ -378,9 +387,7 @@ async def test_a_redirect_is_a_failed_attempt_and_is_not_followed(webhooks: Rece
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_a_host_no_longer_allowed_is_not_called_and_the_delivery_fails(
-    webhooks: Receiver, settings: Any
-) -> None:
+async def test_a_host_no_longer_allowed_is_not_called_and_the_delivery_fails(webhooks: Receiver, settings: Any) -> None:
     batch = await sync_to_async(finished_batch)(webhooks.url())
     settings.BATCH_CALLBACK_ALLOWED_HOSTS = ["hooks.example.com"]
     assert await CallbackSender(worker_id="test-sender").deliver_due() == 1
@@ -476,3 +483,31 @@ def test_callbacks_of_a_batch_you_may_not_see_answer_404(
     batch = finished_batch(webhooks.url())
     other = client_for(make_user("bob"))
     assert_problem(other.get(f"/api/batches/{batch.pk}/callbacks/"), 404)
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_runbatch_process_configured_from_the_environment_delivers_the_webhook(
+    webhooks: Receiver, start_worker: Callable[..., Any]
+) -> None:
+    webhooks.script = [(500, {})]
+    batch = services.submit_batch(handler="demo.noop", items=[{}] * 3, callback_url=webhooks.url()).batch
+    worker = start_worker(
+        env={
+            "BATCH_CALLBACK_ALLOWED_HOSTS": f"localhost,127.0.0.1:{webhooks.port}",
+            "BATCH_CALLBACK_SECRET": SECRET,
+            "BATCH_CALLBACK_BACKOFF_SECONDS": "0.05",
+        }
+    )
+    try:
+        requests = webhooks.wait_for(2)
+        deadline = time.monotonic() + TIMEOUT
+        while (row := BatchCallback.objects.get(batch=batch)).status == CallbackStatus.PENDING:
+            assert time.monotonic() < deadline and worker.poll() is None, worker_log(worker)
+            time.sleep(0.01)  # the 200 was answered; its record follows within the worker's round
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=TIMEOUT) == 0, worker_log(worker)
+    assert (row.status, row.attempts, row.last_status_code) == (CallbackStatus.DELIVERED, 2, 200), worker_log(worker)
+    assert all(r.headers["X-Batch-Signature"] == expected_signature(r.body) for r in requests)
+    assert json.loads(requests[1].body)["status"] == "succeeded"
