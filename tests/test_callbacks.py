@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from asgiref.sync import sync_to_async
 from django.core import checks
+from django.core.management import CommandError, call_command
 from django.db import connection, transaction
 from django.test import Client
 
@@ -168,6 +169,14 @@ def test_submit_accepts_an_allowed_callback_url_and_shows_it(api_client: Any, we
     assert response.status_code == 201, response.content
     assert response.json()["callback_url"] == webhooks.url()
     assert api_client.get(response["Location"]).json()["callback_url"] == webhooks.url()
+
+
+@pytest.mark.django_db
+def test_submitbatch_takes_a_callback_url_and_refuses_one_not_allowed(webhooks: Receiver) -> None:
+    call_command("submitbatch", "demo.noop", "--count", "1", "--callback-url", webhooks.url(), verbosity=0)
+    assert BatchJob.objects.get().callback_url == webhooks.url()
+    with pytest.raises(CommandError, match="callback_url"):
+        call_command("submitbatch", "demo.noop", "--count", "1", "--callback-url", "http://10.0.0.1/", verbosity=0)
 
 
 @pytest.mark.parametrize(
