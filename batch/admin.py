@@ -25,7 +25,7 @@ from django.utils.safestring import SafeString
 
 from batch import services
 from batch.audit import AuditTrailMixin
-from batch.models import BatchJob, BatchJobItem
+from batch.models import BatchCallback, BatchJob, BatchJobItem
 
 _SEGMENTS = ("succeeded", "failed", "cancelled", "running", "pending")
 
@@ -73,6 +73,50 @@ def _resize(batch_id: uuid.UUID, max_parallel: int) -> BatchJob | None:
         return None
 
 
+CALLBACK_FIELDS = (
+    "url",
+    "status",
+    "attempts",
+    "last_status_code",
+    "last_error",
+    "created_at",
+    "next_attempt_at",
+    "delivered_at",
+)
+
+
+class CallbackInline(admin.TabularInline):  # type: ignore[type-arg]
+    """The batch's completion webhook delivery (read-only: workers write it)."""
+
+    model = BatchCallback
+    fields = CALLBACK_FIELDS
+    readonly_fields = CALLBACK_FIELDS
+    extra = 0
+    can_delete = False
+    verbose_name_plural = "completion webhook"
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(BatchCallback)
+class BatchCallbackAdmin(ReadOnlyAdmin):
+    list_display = ["__str__", "batch_link", "status", "attempts", "last_status_code", "created_at", "delivered_at"]
+    list_filter = ["status"]
+    list_select_related = ["batch"]
+    search_fields = ["url"]
+    readonly_fields = ("batch_link", *CALLBACK_FIELDS, "lease_owner", "lease_expires_at", "body")
+    fields = readonly_fields
+
+    @admin.display(description="batch", ordering="batch")
+    def batch_link(self, callback: BatchCallback) -> SafeString:
+        url = reverse("admin:batch_batchjob_change", args=[callback.batch_id])
+        return format_html('<a href="{}">{}</a>', url, callback.batch)
+
+
 @admin.register(BatchJob)
 class BatchJobAdmin(AuditTrailMixin, ReadOnlyAdmin):
     list_display = ["__str__", "status", "progress", "counts", "handler", "owner", "created_at", "duration"]
@@ -107,10 +151,12 @@ class BatchJobAdmin(AuditTrailMixin, ReadOnlyAdmin):
         "cancel_requested_by",
         "status_reason",
         "retry_of",
+        "callback_url",
         "idempotency_key",
         "audit_trail",
     ]
     fields = tuple(readonly_fields)
+    inlines = [CallbackInline]
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[BatchJob], search_term: str

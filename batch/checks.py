@@ -20,6 +20,7 @@ PROBLEM_HANDLER = "batch.api.exceptions.problem_exception_handler"
 def register() -> None:
     checks.register(check_required_apps, "batch")
     checks.register(check_rest_framework, "batch")
+    checks.register(check_callbacks, "batch")
 
 
 def check_required_apps(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
@@ -70,3 +71,22 @@ def check_rest_framework(app_configs: Any = None, **kwargs: Any) -> list[checks.
             )
         )
     return found
+
+
+def check_callbacks(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    from django.conf import settings
+
+    allowed, secret = (
+        getattr(settings, "BATCH_CALLBACK_ALLOWED_HOSTS", []),
+        getattr(settings, "BATCH_CALLBACK_SECRET", ""),
+    )
+    if not allowed or secret:
+        return []
+    return [
+        checks.Warning(
+            "BATCH_CALLBACK_ALLOWED_HOSTS allows completion webhooks but BATCH_CALLBACK_SECRET is empty: "
+            "receivers cannot tell the batch app's requests from forged ones.",
+            hint="Set BATCH_CALLBACK_SECRET to a long random string and share it with the receivers.",
+            id="batch.W004",
+        )
+    ]

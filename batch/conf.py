@@ -44,6 +44,11 @@ DEFAULTS: dict[str, Any] = {
     "BATCH_MAX_CONCURRENT_SUBMITS_PER_USER": 2,  # per process; 0: unbounded
     "BATCH_MAX_WAITING_CANCELS_PER_USER": 4,
     "BATCH_SUBMIT_REQUIRES_PERMISSION": False,
+    # Completion webhooks (batch/services/callbacks.py, batch/callbacks_delivery.py).
+    "BATCH_CALLBACK_ALLOWED_HOSTS": [],  # "host" (any port) or "host:port"; empty: no callback_url is accepted
+    "BATCH_CALLBACK_SECRET": "",  # HMAC-SHA256 key of X-Batch-Signature
+    "BATCH_CALLBACK_RETRY_SECONDS": 3600.0,  # failed deliveries are retried this long after the batch ended
+    "BATCH_CALLBACK_BACKOFF_SECONDS": 5.0,  # first retry delay; doubles per attempt (jittered), at most 10 min
 }
 
 

@@ -72,9 +72,10 @@ LEASE_RECOVERIES = Counter("batch_lease_recoveries", "Items taken back from work
 SYNC_KILLS = Counter(
     "batch_sync_processes_killed", "Sync handler processes killed, by reason (timeout, cancelled, error).", ["reason"]
 )
-# Defined for the dashboards; nothing increments it until callback_url webhooks exist.
 WEBHOOK_DELIVERIES = Counter(
-    "batch_webhook_deliveries", "Webhook deliveries, by outcome (once webhooks exist).", ["outcome"]
+    "batch_webhook_deliveries",
+    "Completion webhook attempts, by outcome (delivered, retry: failed and retried later, failed: given up).",
+    ["outcome"],
 )
 
 
@@ -139,6 +140,12 @@ def count_recoveries(items: int) -> int:
     if items and enabled():
         LEASE_RECOVERIES.inc(items)
     return items
+
+
+def count_webhook(outcome: str) -> None:
+    """One webhook attempt was recorded: `delivered`, `retry` or `failed` (given up)."""
+    if enabled():
+        WEBHOOK_DELIVERIES.labels(outcome).inc()
 
 
 def count_kill(exc: BaseException) -> None:

@@ -255,6 +255,8 @@ class BatchCallback(models.Model):
         ordering = ["created_at", "id"]
         verbose_name = "callback delivery"
         verbose_name_plural = "callback deliveries"
+        # One per batch: a batch reaches its terminal status once (and a second write would fail loudly).
+        constraints = [models.UniqueConstraint(fields=["batch"], name="batch_callback_batch_unique")]
         indexes = [
             models.Index(fields=["next_attempt_at"], condition=Q(status="pending"), name="batch_callback_due_idx"),
         ]

@@ -14,7 +14,7 @@ from django.db.models.expressions import RawSQL
 from django.db.models.functions import Now
 
 from batch import permissions
-from batch.models import BatchJob, BatchJobItem, BatchPermit, BatchStatus, ItemStatus
+from batch.models import BatchCallback, BatchJob, BatchJobItem, BatchPermit, BatchStatus, ItemStatus
 from batch.services._base import STOPPABLE, db_deadline_passed_sql, db_later_sql
 
 
@@ -94,6 +94,11 @@ def batch_items(batch_id: uuid.UUID, *, status: str | None = None) -> QuerySet[B
     """Items of a batch in index order, optionally of one status (uses the (batch, index) index)."""
     items = BatchJobItem.objects.filter(batch_id=batch_id).order_by("index")
     return items if status is None else items.filter(status=status)
+
+
+def batch_callbacks(batch_id: uuid.UUID) -> QuerySet[BatchCallback]:
+    """A batch's completion webhook deliveries, oldest first (the body left out: it is the batch)."""
+    return BatchCallback.objects.filter(batch_id=batch_id).defer("body").order_by("created_at", "id")
 
 
 def item_count(batch: BatchJob, *, status: str | None = None) -> int:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from django.conf import settings
 
 from batch import metrics, selectors, services
+from batch.callbacks_delivery import CallbackSender
 from batch.handlers import HandlerSpec, UnknownHandler, get_handler
 from batch.models import TERMINAL_BATCH_STATUSES, BatchStatus, StatusReason
 from batch.notify import listen_for_control
@@ -106,6 +107,7 @@ class Worker:
         self._signals = 0
         self._unknown_handlers: set[uuid.UUID] = set()
         self._finished_by_ended_runs = 0
+        self.callbacks = CallbackSender(worker_id=config.worker_id)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -131,6 +133,7 @@ class Worker:
                 group.create_task(self._summary_loop())
                 group.create_task(self._lease_guard_loop())
                 group.create_task(listen_for_control(self._on_control, self._closed))
+                group.create_task(self.callbacks.run(self._closed))
                 await self._dispatch_loop(group)
                 await self._drain()
                 self._closed.set()
@@ -170,6 +173,8 @@ class Worker:
                 runner.cancel()
             if state is not None and kind in ("cancel", "resize", "permits", "pause", "resume"):
                 state.resync = True
+        if kind in ("completed", ""):  # a batch ended (maybe with a webhook to send), or we reconnected
+            self.callbacks.wake()
         self.wake()
 
     def wake(self) -> None:

@@ -210,6 +210,15 @@ BATCH_METRICS_PORT = env_int("BATCH_METRICS_PORT", 0, minimum=0)
 BATCH_METRICS_ADDR = env_str("BATCH_METRICS_ADDR", "0.0.0.0")
 # `/metrics` of the web process: staff sessions, and `Authorization: Bearer <this>` when set.
 BATCH_METRICS_TOKEN = env_str("BATCH_METRICS_TOKEN", "")
+# Completion webhooks (README: Completion webhooks). Hosts a `callback_url` may name, exactly:
+# "host" (any port) or "host:port"; empty: every callback_url is refused.
+BATCH_CALLBACK_ALLOWED_HOSTS = env_list("BATCH_CALLBACK_ALLOWED_HOSTS", "")
+# The key of `X-Batch-Signature: sha256=<hex HMAC-SHA256 of the body>`.
+BATCH_CALLBACK_SECRET = env_str("BATCH_CALLBACK_SECRET", "")
+# A delivery that keeps failing is retried this long after the batch ended, then marked failed.
+BATCH_CALLBACK_RETRY_SECONDS = env_float("BATCH_CALLBACK_RETRY_SECONDS", 3600.0, minimum=0)
+# The first retry's delay; it doubles per attempt (with jitter), at most 10 minutes.
+BATCH_CALLBACK_BACKOFF_SECONDS = env_float("BATCH_CALLBACK_BACKOFF_SECONDS", 5.0, minimum=0.001)
 
 # --- REST API (batch/api) -------------------------------------------------------------------
 # Bodies up to this size are accepted (413 above); 64 MiB fits 100,000 small items.

@@ -15,8 +15,9 @@ from rest_framework.exceptions import ParseError
 from batch.api.limits import RejectUnknownFields, decode_json
 from batch.handlers import registered_handlers
 from batch.limits import string_problem
-from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
+from batch.models import BatchCallback, BatchJob, BatchJobItem, BatchStatus, ItemStatus
 from batch.services import MAX_PARALLEL_LIMIT, MAX_REPORTED_ITEM_ERRORS
+from batch.services.callbacks import MAX_CALLBACK_URL_LENGTH
 from batch.services.submit import MAX_ATTEMPTS_LIMIT, MAX_DEADLINE_SECONDS
 
 BATCH_FIELDS = [
@@ -41,6 +42,7 @@ BATCH_FIELDS = [
     "max_failures",
     "deadline_seconds",
     "retry_of",
+    "callback_url",
     "owner",
     "url",
     "items_url",
@@ -53,6 +55,7 @@ class BatchSerializer(serializers.ModelSerializer[BatchJob]):
     effective_parallel = serializers.IntegerField(read_only=True)
     pending_items = serializers.IntegerField(read_only=True)
     owner = serializers.CharField(source="created_by.username", read_only=True, allow_null=True, default=None)
+    callback_url = serializers.CharField(read_only=True, help_text="POSTed once the batch ends; empty: none.")
 
     class Meta:
         model = BatchJob
@@ -128,6 +131,16 @@ class BatchSubmitSerializer(RejectUnknownFields):
         max_value=MAX_DEADLINE_SECONDS,
         help_text="Cancel the batch this many seconds after it started (status_reason 'deadline').",
     )
+    # A CharField: the service judges the URL (scheme, user info, allowed hosts) for every edge.
+    callback_url = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        trim_whitespace=False,
+        max_length=MAX_CALLBACK_URL_LENGTH,
+        default="",
+        help_text="POSTed the batch's JSON, signed (X-Batch-Signature), once it ends; its host must be in "
+        "BATCH_CALLBACK_ALLOWED_HOSTS.",
+    )
 
     def get_fields(self) -> dict[str, serializers.Field[Any, Any, Any, Any]]:
         fields = super().get_fields()
@@ -184,6 +197,25 @@ class ItemSerializer(serializers.ModelSerializer[BatchJobItem]):
             "available_at",
             "started_at",
             "finished_at",
+        ]
+        read_only_fields = fields
+
+
+class CallbackSerializer(serializers.ModelSerializer[BatchCallback]):
+    """One completion webhook delivery of a batch (the outbox row)."""
+
+    class Meta:
+        model = BatchCallback
+        fields = [
+            "id",
+            "url",
+            "status",
+            "attempts",
+            "last_status_code",
+            "last_error",
+            "created_at",
+            "next_attempt_at",
+            "delivered_at",
         ]
         read_only_fields = fields
 

@@ -34,6 +34,7 @@ from batch.api.serializers import (
     BatchRetrySerializer,
     BatchSerializer,
     BatchSubmitSerializer,
+    CallbackSerializer,
     DrainSerializer,
     ItemFilterSerializer,
     ItemSerializer,
@@ -72,6 +73,7 @@ def _validated(serializer_class: type[serializers.Serializer[Any]], data: Any) -
     destroy=_CANCEL_SCHEMA,
     cancel=_CANCEL_SCHEMA,
     items=extend_schema(parameters=[ItemFilterSerializer], responses={200: ItemSerializer(many=True)}),
+    callbacks=extend_schema(responses={200: CallbackSerializer(many=True)}),
 )
 class BatchViewSet(LifecycleActions, GenericViewSet):
     """Your batches; every user's with the `batch.view_batchjob` permission (superusers have it).
@@ -98,6 +100,8 @@ class BatchViewSet(LifecycleActions, GenericViewSet):
         # By method, not action: the browsable API renders its forms from the list/detail views.
         if self.action == "items":
             return ItemSerializer
+        if self.action == "callbacks":
+            return CallbackSerializer
         if self.action == "retry":
             return BatchRetrySerializer
         if self.request is not None and self.request.method == "POST" and self.action not in CONTROL_ACTIONS:
@@ -203,3 +207,10 @@ class BatchViewSet(LifecycleActions, GenericViewSet):
         items = selectors.batch_items(batch.pk, status=item_status).only(*ItemSerializer.Meta.fields)
         page = self.paginate_queryset(items)
         return cast(Response, self.get_paginated_response(ItemSerializer(page, many=True).data))
+
+    @action(detail=True, methods=["get"])
+    def callbacks(self, request: Request, pk: str) -> Response:
+        """Completion webhook deliveries of the batch (at most one): status, attempts, last status code and error."""
+        batch = self.get_object()
+        page = self.paginate_queryset(selectors.batch_callbacks(batch.pk))
+        return cast(Response, self.get_paginated_response(CallbackSerializer(page, many=True).data))

@@ -152,7 +152,8 @@ def stopped_status(reason: str | None) -> BatchStatus:
 
 
 def finalize_if_done(batch: BatchJob, now: datetime) -> None:
-    """Move a locked batch whose items have all stopped to its terminal status."""
+    """Move a locked batch whose items have all stopped to its terminal status (the caller saves
+    it; its outbox row and `batch_finished` go with that transaction: `callbacks.record_finish`)."""
     if batch.running_items or batch.pending_items or batch.is_terminal:
         return
     if batch.status == BatchStatus.CANCELLING:
@@ -166,6 +167,9 @@ def finalize_if_done(batch: BatchJob, now: datetime) -> None:
         "batch finished",
         extra={"batch_id": str(batch.id), "status": batch.status, "total": batch.total_items},
     )
+    from batch.services.callbacks import record_finish  # it imports this module
+
+    record_finish(batch_id=batch.id, status=batch.status, callback_url=batch.callback_url, batch=batch)
 
 
 COUNTER_FIELDS = [

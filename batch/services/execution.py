@@ -41,6 +41,7 @@ from batch.models import (
     ItemStatus,
     StatusReason,
 )
+from batch.services import callbacks
 from batch.services._base import (
     STOPPABLE,
     ClaimedItem,
@@ -339,9 +340,12 @@ def _apply_counters(
         if status != BatchStatus.CANCELLING and not bad and not cancelled_now:
             final = BatchStatus.SUCCEEDED
         cursor.execute(
-            "UPDATE batch_job SET status = %s, finished_at = %s WHERE id = %s", [final, now, _db_uuid(batch_id)]
+            "UPDATE batch_job SET status = %s, finished_at = %s WHERE id = %s RETURNING callback_url",
+            [final, now, _db_uuid(batch_id)],
         )
+        callback_url = cursor.fetchone()[0]
     logger.info("batch finished", extra={"batch_id": str(batch_id), "status": final, "total": total})
+    callbacks.record_finish(batch_id=batch_id, status=final, callback_url=callback_url)
     return str(final)
 
 

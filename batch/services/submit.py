@@ -27,6 +27,7 @@ from batch.services._base import (
     audit,
     notify,
 )
+from batch.services.callbacks import callback_url_problem
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,13 @@ def _validate_stop_rules(*, max_attempts: int | None, max_failures: int | None, 
         raise SubmitError(errors)
 
 
+def _validate_callback_url(callback_url: object) -> None:
+    if not isinstance(callback_url, str):
+        raise SubmitError({"callback_url": ["Must be a string."]})
+    if callback_url and (problem := callback_url_problem(callback_url)) is not None:
+        raise SubmitError({"callback_url": [problem]})
+
+
 def submit_batch(
     *,
     handler: str,
@@ -114,6 +122,7 @@ def submit_batch(
     max_attempts: int | None = None,
     max_failures: int | None = None,
     deadline_seconds: int | None = None,
+    callback_url: str = "",
 ) -> SubmitResult:
     """Validate every item, then write the batch and all its items in one transaction.
 
@@ -129,6 +138,7 @@ def submit_batch(
             return SubmitResult(batch=existing, created=False)
     max_parallel = settings.BATCH_GLOBAL_MAX_PARALLEL if max_parallel is None else max_parallel
     _validate_stop_rules(max_attempts=max_attempts, max_failures=max_failures, deadline_seconds=deadline_seconds)
+    _validate_callback_url(callback_url)
     validated = _validate_submission(handler, items, max_parallel, name)
     try:
         batch = _insert_batch(
@@ -143,6 +153,7 @@ def submit_batch(
                 "max_failures": max_failures,
                 "deadline_seconds": deadline_seconds,
             },
+            callback_url=callback_url,
         )
     except IntegrityError:
         if idempotency_key is None:
@@ -169,6 +180,7 @@ def _insert_batch(
     owner: User | None,
     idempotency_key: str | None,
     stop_rules: dict[str, int | None],
+    callback_url: str,
 ) -> BatchJob:
     with transaction.atomic():
         batch = BatchJob.objects.create(
@@ -178,6 +190,7 @@ def _insert_batch(
             total_items=len(params),
             created_by=owner,
             idempotency_key=idempotency_key,
+            callback_url=callback_url,
             **stop_rules,
         )
         _insert_items(batch.id, params)

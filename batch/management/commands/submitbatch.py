@@ -51,6 +51,7 @@ class Command(BaseCommand):
         parser.add_argument("--param", action="append", default=[], type=_param, help="key=value added to every item")
         parser.add_argument("--max-parallel", type=positive_int)
         parser.add_argument("--name", default="")
+        parser.add_argument("--callback-url", default="", help="POSTed the batch JSON when it ends (allowed hosts)")
 
     def handle(self, *args: Any, **options: Any) -> None:
         extra = dict(options["param"])
@@ -67,7 +68,11 @@ class Command(BaseCommand):
             items = [dict(extra) for _ in range(options["count"])]
         try:
             result = services.submit_batch(
-                handler=options["handler"], items=items, max_parallel=options["max_parallel"], name=options["name"]
+                handler=options["handler"],
+                items=items,
+                max_parallel=options["max_parallel"],
+                name=options["name"],
+                callback_url=options["callback_url"],
             )
         except services.SubmitError as exc:
             raise CommandError(f"Batch refused: {json.dumps(exc.errors, default=str)[:2000]}") from None

@@ -1,0 +1,174 @@
+"""The worker's webhook sender: claims due outbox rows and POSTs them, signed.
+
+One asyncio task per `runbatch` worker (`Worker.run` starts it). It looks for due deliveries
+when a batch finishes (the in-process `batch_finished`, and on PostgreSQL the `completed`
+notification of any process), when a retry it scheduled comes due, and every `POLL_SECONDS`
+otherwise. Each delivery is leased in the database (`services.callbacks.claim_due`), so two
+workers never send the same row at once; a worker that dies mid-send leaves it to another once
+the lease ends (at least once overall). The HTTP call runs in a thread, off the event loop.
+
+A request: `POST <url>` with the stored body, `Content-Type: application/json`,
+`X-Batch-Signature: sha256=<hex HMAC-SHA256 of the body, key BATCH_CALLBACK_SECRET>`,
+`X-Batch-Delivery: <id>`, `X-Batch-Event: batch.finished`; connect timeout 3 s, reads 7 s,
+10 s in all; redirects are never followed (a 3xx is a failed attempt); at most
+`MAX_RESPONSE_BYTES` of the response are read; no proxy or credentials from the environment.
+The host is checked against BATCH_CALLBACK_ALLOWED_HOSTS again before every attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import time
+
+import requests
+from django.conf import settings
+
+from batch import metrics
+from batch.models import CallbackStatus
+from batch.services import callbacks
+from batch.services.callbacks import Attempt, DueCallback
+from batch.signals import batch_finished
+from batch.store import call_db
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 5.0  # the fallback: deliveries another process queued, retries another worker scheduled
+LEASE_SECONDS = 60.0  # well above one attempt's 10 s
+CONNECT_TIMEOUT = 3.0
+READ_TIMEOUT = 7.0
+TOTAL_TIMEOUT = 10.0
+MAX_IN_FLIGHT = 4  # deliveries one worker sends at once
+MAX_RESPONSE_BYTES = 4096
+SIGNATURE_HEADER = "X-Batch-Signature"
+RETRY_MARGIN = 0.01
+
+
+def signature(body: bytes, secret: str) -> str:
+    """The `X-Batch-Signature` value of `body`."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def post(url: str, body: bytes, *, delivery_id: int) -> Attempt:
+    """One POST, blocking (run it in a thread); never raises for what the network does."""
+    headers = {
+        "Content-Type": "application/json",
+        SIGNATURE_HEADER: signature(body, settings.BATCH_CALLBACK_SECRET),
+        "X-Batch-Delivery": str(delivery_id),
+        "X-Batch-Event": "batch.finished",
+        "User-Agent": "batchsite-webhook/1",
+    }
+    with requests.Session() as session:
+        session.trust_env = False  # no proxies from the environment, no .netrc credentials
+        try:
+            with session.post(
+                url,
+                data=body,
+                headers=headers,
+                timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
+                allow_redirects=False,
+                stream=True,
+            ) as response:
+                response.raw.read(MAX_RESPONSE_BYTES, decode_content=False)  # bounded; lets the server finish
+                return _attempt(response)
+        except requests.RequestException as exc:
+            return Attempt(status_code=None, error=f"{type(exc).__name__}: {exc}")
+
+
+def _attempt(response: requests.Response) -> Attempt:
+    code = response.status_code
+    if 200 <= code < 300:
+        return Attempt(status_code=code)
+    if 300 <= code < 400:
+        where = response.headers.get("Location", "")[:200]
+        return Attempt(status_code=code, error=f"HTTP {code}: redirects are not followed (Location: {where})")
+    return Attempt(status_code=code, error=f"HTTP {code} {response.reason or ''}".strip())
+
+
+class CallbackSender:
+    """Delivers due webhooks until `closed` is set (see the module docstring)."""
+
+    def __init__(self, *, worker_id: str, poll_seconds: float = POLL_SECONDS) -> None:
+        self.worker_id = worker_id
+        self.poll_seconds = poll_seconds
+        self._wakeup = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._retries: list[float] = []  # monotonic times of the retries this sender scheduled
+
+    def wake(self) -> None:
+        """Look for due deliveries now (call on the loop's thread)."""
+        self._wakeup.set()
+
+    def _on_batch_finished(self, sender: object, **kwargs: object) -> None:
+        # Sent on commit in whatever thread committed (the worker's database thread).
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                self._loop.call_soon_threadsafe(self._wakeup.set)
+
+    async def run(self, closed: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        uid = f"callback-sender-{id(self)}"
+        batch_finished.connect(self._on_batch_finished, weak=False, dispatch_uid=uid)
+        try:
+            while not closed.is_set():
+                self._wakeup.clear()
+                try:
+                    sent = await self.deliver_due()
+                except Exception:
+                    logger.exception("webhook delivery round failed; retrying", extra={"worker_id": self.worker_id})
+                    sent = 0
+                if sent < MAX_IN_FLIGHT:  # else more may be due at once
+                    await self._sleep(closed)
+        finally:
+            batch_finished.disconnect(dispatch_uid=uid)
+
+    async def deliver_due(self) -> int:
+        """Claim and send the deliveries due now (up to MAX_IN_FLIGHT at once); how many."""
+        due = await call_db(
+            callbacks.claim_due, worker_id=self.worker_id, limit=MAX_IN_FLIGHT, lease_seconds=LEASE_SECONDS
+        )
+        async with asyncio.TaskGroup() as group:
+            for row in due:
+                group.create_task(self._deliver(row))
+        return len(due)
+
+    async def _deliver(self, row: DueCallback) -> None:
+        try:
+            attempt = await self._send(row)
+            recorded = await call_db(
+                callbacks.record_attempt, callback_id=row.id, worker_id=self.worker_id, attempt=attempt
+            )
+        except Exception:  # one delivery's trouble is not its siblings' (the TaskGroup)
+            logger.exception("webhook delivery failed", extra={"callback_id": row.id, "batch_id": str(row.batch_id)})
+            return
+        if recorded is None:
+            return
+        metrics.count_webhook("retry" if recorded.status == CallbackStatus.PENDING else recorded.status)
+        if recorded.retry_in is not None:  # a little late rather than early by the database's clock
+            self._retries.append(time.monotonic() + recorded.retry_in + RETRY_MARGIN)
+
+    async def _send(self, row: DueCallback) -> Attempt:
+        if not callbacks.host_allowed(row.url):
+            return Attempt(
+                status_code=None, error="The host is not in BATCH_CALLBACK_ALLOWED_HOSTS; not sent.", retry=False
+            )
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(post, row.url, row.body.encode(), delivery_id=row.id), TOTAL_TIMEOUT
+            )
+        except TimeoutError:
+            return Attempt(status_code=None, error=f"No complete response within {TOTAL_TIMEOUT:g} s.")
+
+    async def _sleep(self, closed: asyncio.Event) -> None:
+        now = time.monotonic()
+        self._retries = [at for at in self._retries if at > now]
+        seconds = min([self.poll_seconds, *(at - now for at in self._retries)])
+        waits = [asyncio.ensure_future(self._wakeup.wait()), asyncio.ensure_future(closed.wait())]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
