@@ -231,6 +231,15 @@ def apply_finished(batch: BatchJob, statuses: Iterable[str]) -> None:
 # --- the database's clock: every lease, recovery, deadline and expiry is judged by it -------
 
 
+def db_uuid(value: uuid.UUID) -> Any:
+    """A batch id as the database stores it (hex on SQLite), for raw SQL."""
+    return BatchJob._meta.pk.get_db_prep_value(value, connection)
+
+
+def sql_marks(values: Sequence[Any]) -> str:
+    return ", ".join(["%s"] * len(values))
+
+
 def db_now() -> datetime:
     """The database's current time (hosts' clocks disagree; the database's is the one clock)."""
     with connection.cursor() as cursor:

@@ -35,13 +35,11 @@ from django.utils import timezone
 
 from batch.models import (
     TERMINAL_BATCH_STATUSES,
-    AuditAction,
-    BatchJob,
     BatchStatus,
     ItemStatus,
     StatusReason,
 )
-from batch.services import callbacks
+from batch.services import callbacks, stops
 from batch.services._base import (
     STOPPABLE,
     ClaimedItem,
@@ -49,13 +47,14 @@ from batch.services._base import (
     Start,
     Step,
     StepResult,
-    audit,
     chunks,
     db_later_column_sql,
     db_later_sql,
     db_statement_now_sql,
+    db_uuid,
     lock_batch,
     notify,
+    sql_marks,
     stopped_status,
 )
 
@@ -106,10 +105,6 @@ def run_step(*, batch_id: uuid.UUID, worker_id: str, lease_seconds: float, step:
     return StepResult(fetched=fetched, status=status, refused=refused)
 
 
-def _db_uuid(value: uuid.UUID) -> Any:
-    return BatchJob._meta.pk.get_db_prep_value(value, connection)  # hex on SQLite
-
-
 def _db_time(value: datetime) -> Any:
     return connection.ops.adapt_datetimefield_value(value)
 
@@ -144,7 +139,7 @@ def _ids(ids: Sequence[int]) -> tuple[str, list[Any]]:
     """`batch_job_item.id` among `ids`: what makes the planner look rows up by primary key."""
     if connection.vendor == "postgresql":
         return "batch_job_item.id = ANY(%b::bigint[])", [list(ids)]
-    return f"batch_job_item.id IN ({_marks(ids)})", list(ids)
+    return f"batch_job_item.id IN ({sql_marks(ids)})", list(ids)
 
 
 def _outcome_row(o: Outcome, started_at: datetime | None) -> tuple[Any, ...]:
@@ -171,10 +166,6 @@ def _json(value: Any) -> str | None:
     return None if value is None else json.dumps(value)
 
 
-def _marks(values: Sequence[Any]) -> str:
-    return ", ".join(["%s"] * len(values))
-
-
 # Rows named by id are found by primary key: the statements wrap their other conditions in
 # `(…) IS TRUE`, so the planner cannot choose a scan of the batch's partial pending index
 # instead (it does, with or without statistics: a step on a 10,000-item batch took 25 to 60 ms
@@ -195,7 +186,7 @@ def _start(batch_id: uuid.UUID, worker_id: str, starts: Sequence[Start], lease_s
                 " AND (batch_job_item.batch_id = %s"
                 " AND batch_job_item.status = 'pending' AND batch_job_item.lease_owner = %s) IS TRUE"
                 " RETURNING batch_job_item.id",
-                [ItemStatus.RUNNING, *later_params, *params, *id_params, _db_uuid(batch_id), worker_id],
+                [ItemStatus.RUNNING, *later_params, *params, *id_params, db_uuid(batch_id), worker_id],
             )
             moved.update(int(row[0]) for row in cursor.fetchall())
     rest = [s.item_id for s in starts if s.item_id not in moved]
@@ -208,7 +199,7 @@ def _running_under(worker_id: str, item_ids: Sequence[int]) -> set[int]:
         return set()
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT id FROM batch_job_item WHERE id IN ({_marks(item_ids)}) AND status = %s AND lease_owner = %s",
+            f"SELECT id FROM batch_job_item WHERE id IN ({sql_marks(item_ids)}) AND status = %s AND lease_owner = %s",
             [*item_ids, ItemStatus.RUNNING, worker_id],
         )
         return {int(row[0]) for row in cursor.fetchall()}
@@ -254,8 +245,8 @@ def _give_back(batch_id: uuid.UUID, worker_id: str, item_ids: Sequence[int], *, 
         with connection.cursor() as cursor:
             cursor.execute(
                 "UPDATE batch_job_item SET status = %s, finished_at = %s, lease_owner = '', lease_expires_at = NULL"
-                f" WHERE id IN ({_marks(chunk)}) AND batch_id = %s AND status = %s AND lease_owner = %s",
-                [status, finished, *chunk, _db_uuid(batch_id), ItemStatus.PENDING, worker_id],
+                f" WHERE id IN ({sql_marks(chunk)}) AND batch_id = %s AND status = %s AND lease_owner = %s",
+                [status, finished, *chunk, db_uuid(batch_id), ItemStatus.PENDING, worker_id],
             )
             count += int(cursor.rowcount)
     return count if cancel else 0
@@ -266,7 +257,7 @@ def _fetch(batch_id: uuid.UUID, worker_id: str, limit: int, lease_seconds: float
     skip = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
     later, later_params = db_later_sql(lease_seconds)
     now, now_params = db_later_sql(0)
-    batch = _db_uuid(batch_id)
+    batch = db_uuid(batch_id)
     with _cursor() as cursor:
         cursor.execute(
             f"UPDATE batch_job_item SET lease_owner = %s, lease_expires_at = {later} WHERE id IN ("
@@ -306,7 +297,7 @@ def _apply_counters(
     now = _db_time(timezone.now())
     stamp = db_statement_now_sql()  # `started_at` starts the deadline: the database's clock
     params: list[Any] = [started - len(finished), succeeded, failed, gone, BatchStatus.PENDING, began]
-    params += [BatchStatus.RUNNING, began, now, _db_uuid(batch_id)]
+    params += [BatchStatus.RUNNING, began, now, db_uuid(batch_id)]
     with _cursor() as cursor:
         cursor.execute(
             "UPDATE batch_job SET running_items = running_items + %s, succeeded_items = succeeded_items + %s,"
@@ -325,9 +316,9 @@ def _apply_counters(
         if began_now and began:
             logger.info("batch started", extra={"batch_id": str(batch_id)})
         if retried and status == BatchStatus.CANCELLING:
-            cancelled_now += _cancel_retries(cursor, batch_id, retried)
+            cancelled_now += stops.cancel_retries(cursor, batch_id, retried)
         if max_failures is not None and bad >= max_failures and status in STOPPABLE:
-            stopped = _stop_at_failure_threshold(cursor, batch_id)
+            stopped = stops.stop_at_failure_threshold(cursor, batch_id)
             if stopped is not None:
                 status, reason, cancelled_now = (
                     BatchStatus.CANCELLING,
@@ -340,55 +331,10 @@ def _apply_counters(
         if status != BatchStatus.CANCELLING and not bad and not cancelled_now:
             final = BatchStatus.SUCCEEDED
         cursor.execute(
-            "UPDATE batch_job SET status = %s, finished_at = %s WHERE id = %s RETURNING callback_url",
-            [final, now, _db_uuid(batch_id)],
+            f"UPDATE batch_job SET status = %s, finished_at = {stamp} WHERE id = %s RETURNING callback_url",
+            [final, db_uuid(batch_id)],
         )
         callback_url = cursor.fetchone()[0]
     logger.info("batch finished", extra={"batch_id": str(batch_id), "status": final, "total": total})
     callbacks.record_finish(batch_id=batch_id, status=final, callback_url=callback_url)
     return str(final)
-
-
-def _cancel_retries(cursor: Any, batch_id: uuid.UUID, item_ids: Sequence[int]) -> int:
-    """Retries in a batch being stopped: cancelled now. Its stop cancelled the unleased pending
-    items before these were (the batch row's lock orders the two), so nobody else would."""
-    now, now_params = db_later_sql(0)
-    cursor.execute(
-        f"UPDATE batch_job_item SET status = %s, finished_at = {now}, available_at = NULL"
-        f" WHERE id IN ({_marks(item_ids)}) AND status = %s AND lease_owner = ''",
-        [ItemStatus.CANCELLED, *now_params, *item_ids, ItemStatus.PENDING],
-    )
-    count = int(cursor.rowcount)
-    batch = _db_uuid(batch_id)
-    cursor.execute("UPDATE batch_job SET cancelled_items = cancelled_items + %s WHERE id = %s", [count, batch])
-    return count
-
-
-def _stop_at_failure_threshold(cursor: Any, batch_id: uuid.UUID) -> int | None:
-    """The batch (its row locked by the counter update) has reached `max_failures`: stop it like
-    a cancel (it ends `failed`). One conditional UPDATE holds the rule; the unleased pending items
-    are cancelled at once, held ones by their workers. How many were cancelled; None if it did
-    not apply (already stopping)."""
-    now, now_params = db_later_sql(0)
-    batch = _db_uuid(batch_id)
-    cursor.execute(
-        f"UPDATE batch_job SET status = %s, status_reason = %s, cancel_requested_at = {now}"
-        f" WHERE id = %s AND status IN ({_marks(STOPPABLE)}) AND max_failures IS NOT NULL"
-        " AND failed_items >= max_failures RETURNING failed_items",
-        [BatchStatus.CANCELLING, StatusReason.FAILURE_THRESHOLD, *now_params, batch, *STOPPABLE],
-    )
-    row = cursor.fetchone()
-    if row is None:
-        return None
-    cursor.execute(
-        f"UPDATE batch_job_item SET status = %s, finished_at = {now}"
-        " WHERE batch_id = %s AND status = %s AND lease_owner = ''",
-        [ItemStatus.CANCELLED, *now_params, batch, ItemStatus.PENDING],
-    )
-    cancelled = int(cursor.rowcount)
-    cursor.execute("UPDATE batch_job SET cancelled_items = cancelled_items + %s WHERE id = %s", [cancelled, batch])
-    reason = StatusReason.FAILURE_THRESHOLD
-    audit(batch_id, AuditAction.CANCEL_REQUESTED, None, timezone.now(), reason=reason, pending_cancelled=cancelled)
-    notify(batch_id, "cancel")
-    logger.warning("batch stopped at its failure threshold", extra={"batch_id": str(batch_id), "failed": row[0]})
-    return cancelled
