@@ -54,7 +54,9 @@ class BatchSerializer(serializers.ModelSerializer[BatchJob]):
     pending_items = serializers.IntegerField(read_only=True)
     owner = serializers.CharField(source="created_by.username", read_only=True, allow_null=True, default=None)
     # A string, not a UUID object: the WebSocket's payloads and the webhook's body go through plain json.dumps.
-    retry_of = serializers.PrimaryKeyRelatedField(read_only=True, allow_null=True, pk_field=serializers.UUIDField())
+    retry_of: serializers.PrimaryKeyRelatedField[BatchJob] = serializers.PrimaryKeyRelatedField(
+        read_only=True, allow_null=True, pk_field=serializers.UUIDField()
+    )
 
     class Meta:
         model = BatchJob

@@ -96,8 +96,9 @@ def _copy(original: BatchJob, statuses: list[str], idempotency_key: str | None) 
     pk = BatchJob._meta.pk.get_db_prep_value
     with connection.cursor() as cursor:
         cursor.execute(
-            'INSERT INTO batch_job_item (batch_id, "index", status, params, error, errors, attempts, lease_owner, source_index)'
-            " SELECT %s, ROW_NUMBER() OVER (ORDER BY \"index\") - 1, %s, params, '', '[]', 0, '', \"index\""
+            'INSERT INTO batch_job_item (batch_id, "index", status, params, error, errors, attempts, lease_owner,'
+            ' source_index) SELECT %s, ROW_NUMBER() OVER (ORDER BY "index") - 1, %s, params,'
+            " '', '[]', 0, '', \"index\""
             f" FROM batch_job_item WHERE batch_id = %s AND status IN ({marks})",
             [pk(batch.pk, connection), ItemStatus.PENDING, pk(original.pk, connection), *statuses],
         )
