@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.db.backends.signals import connection_created
 
 from batch import services
 from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
@@ -270,10 +271,24 @@ def row_of(page: Any, batch_id: object) -> Any:
 
 
 @pytest.fixture
-def orm(monkeypatch: pytest.MonkeyPatch) -> None:
+def orm(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The ORM in the test body: Playwright's sync API runs an event loop in this thread, which
-    Django's async-safety check takes for async code (the documented opt-out, tests only)."""
+    Django's async-safety check takes for async code (the documented opt-out, tests only). The
+    body's queries run in another context than the fixtures (a connection of their own): it is
+    closed here, or PostgreSQL could not drop the test database."""
+    opened: list[Any] = []
+
+    def record(sender: Any, connection: Any, **kwargs: Any) -> None:
+        opened.append(connection)
+
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    connection_created.connect(record, weak=False)
+    try:
+        yield
+    finally:
+        connection_created.disconnect(record)
+        for wrapper in opened:
+            wrapper.close()
 
 
 def started_items(batch_id: object) -> int:
