@@ -402,3 +402,27 @@ def test_user_without_the_permissions_sees_no_lifecycle_buttons(page: Any, djang
     finally:
         other.close()
     services.request_cancel(batch_id=paused.pk)
+
+
+@pytest.mark.usefixtures("orm")
+def test_retry_dialog_can_include_the_cancelled_items(page: Any) -> None:
+    login(page)
+    params = [{"seconds": 0, "fail": True}] + [{"seconds": 5}] * 9
+    row = submit_batch(page, name="stopped", params=json.dumps(params))
+    page.wait_for_function(
+        "row => row.querySelector('[data-field=failed]').textContent === '1'", arg=row.element_handle()
+    )
+    original = BatchJob.objects.get(name="stopped")
+    services.request_cancel(batch_id=original.pk)
+    wait_for_status(page, row, "cancelled")
+    row.locator("button.bd-retry").click()
+    retry = page.locator("[data-retry-dialog]")
+    include = retry.locator("[data-retry-cancelled]")
+    assert retry.locator("[data-retry-cancelled-count]").inner_text() == "9"
+    assert include.is_visible() and not include.is_checked()
+    include.check()
+    retry.locator("[data-retry-confirm]").click()
+    retry.locator("[data-retry-result][data-kind=ok]").wait_for()
+    again = BatchJob.objects.get(retry_of=original)
+    assert list(again.items.order_by("index").values_list("source_index", flat=True)) == list(range(10))
+    assert "10 items" in retry.locator("[data-retry-result]").inner_text()
