@@ -1,8 +1,8 @@
 """The live dashboard pages under /admin/batch/dashboard/ (staff only, in the admin's look).
 
 The pages are static shells: `batch/static/batch/dashboard.js` fills them from the
-WebSocket snapshot and events and calls the REST API (session + CSRF) to submit, resize
-and cancel.
+WebSocket snapshot and events and calls the REST API (session + CSRF) to submit, resize,
+cancel, pause, resume and retry (`batch/static/batch/actions.js`).
 """
 
 from __future__ import annotations
@@ -56,13 +56,15 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 
 
 def batch_dashboard(request: HttpRequest, batch_id: uuid.UUID) -> HttpResponse:
-    """One batch, live: progress, parallelism, cancel, recent item transitions and failures."""
+    """One batch, live: progress, parallelism, its controls, result downloads, recent items and failures."""
     access = _access(request)
     batch = get_object_or_404(BatchJob, pk=batch_id)
     context = {
         **admin.site.each_context(request),
         "title": batch.name or f"Batch {batch.pk.hex[:8]}",
         "batch": batch,
+        # The export action of the batch API (`/api/batches/{id}/export/?as=jsonl|csv`).
+        "export_url": reverse("batch-detail", args=[batch.pk]) + "export/",
         "config": _config(batchId=str(batch.pk), **access),
     }
     return TemplateResponse(request, "admin/batch/dashboard_batch.html", context)

@@ -64,4 +64,10 @@ def can_retry(user: User, batch: BatchJob) -> bool:
 
 def dashboard_permissions(user: User) -> dict[str, bool]:
     """What the dashboard's controls may offer on other users' batches (the API decides anyway)."""
-    return {"submit": can_submit(user), "cancel": _has(user, CANCEL), "resize": _has(user, RESIZE)}
+    return {
+        "submit": can_submit(user),
+        "cancel": _has(user, CANCEL),
+        "resize": _has(user, RESIZE),
+        "pause": _has(user, PAUSE),
+        "retry": _has(user, RETRY),
+    }

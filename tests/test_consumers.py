@@ -192,3 +192,45 @@ async def test_events_from_a_runbatch_process_arrive_through_redis(
     assert "succeeded" in {i["status"] for i in items}
     await asyncio.to_thread(worker.wait, TIMEOUT)
     assert await BatchJob.objects.filter(pk=batch.pk, status=BatchStatus.SUCCEEDED).aexists()
+
+
+async def test_pause_and_resume_reach_both_sockets_with_the_lifecycle_fields(connected: Any) -> None:
+    batch = await submit("demo.sleep", [{"seconds": 1}] * 3, max_failures=2, deadline_seconds=60)
+    everything = await connected("/ws/batches/")
+    one = await connected(f"/ws/batches/{batch.pk}/")
+    await everything.receive_json_from(timeout=TIMEOUT)
+    await one.receive_json_from(timeout=TIMEOUT)
+    await sync_to_async(services.pause_batch)(batch_id=batch.pk)
+    for socket in (everything, one):
+        paused = (await receive_until(socket, finished_as(BatchStatus.PAUSED)))[-1]["batch"]
+        assert (paused["max_failures"], paused["deadline_seconds"], paused["retry_of"]) == (2, 60, None)
+        assert "status_reason" in paused
+    await sync_to_async(services.resume_batch)(batch_id=batch.pk)
+    for socket in (everything, one):
+        resumed = (await receive_until(socket, finished_as(BatchStatus.PENDING)))[-1]["batch"]
+        assert (resumed["id"], resumed["pending_items"]) == (str(batch.pk), 3)
+
+
+def _finish_with_one_failure(batch_id: uuid.UUID) -> None:
+    _fail_first_item(batch_id)
+    services.request_cancel(batch_id=batch_id)
+
+
+async def test_a_retry_batch_appears_on_the_list_socket_with_retry_of(connected: Any) -> None:
+    original = await submit("demo.noop", [{}] * 3)
+    await sync_to_async(_finish_with_one_failure)(original.pk)
+    everything = await connected("/ws/batches/")
+    snapshot = await everything.receive_json_from(timeout=TIMEOUT)
+    assert [b["status"] for b in snapshot["batches"]] == ["cancelled"]
+    result = await sync_to_async(services.retry_batch)(batch_id=original.pk, include=["failed", "cancelled"])
+    assert result.batch is not None
+    messages = await receive_until(everything, lambda m: m["type"] == "batch.updated" and m["batch"]["retry_of"])
+    retry = messages[-1]["batch"]
+    assert (retry["id"], retry["retry_of"], retry["total_items"], retry["status"]) == (
+        str(result.batch.pk),
+        str(original.pk),
+        3,
+        "pending",
+    )
+    one = await connected(f"/ws/batches/{result.batch.pk}/")  # a retry's own snapshot serializes too
+    assert (await one.receive_json_from(timeout=TIMEOUT))["batch"]["retry_of"] == str(original.pk)

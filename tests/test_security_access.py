@@ -75,7 +75,13 @@ def test_operator_admin_and_dashboard_offer_no_cancel_or_resize(operator: Any, a
     assert refused.status_code == 200  # Django answers an unknown action with the changelist
     page = client.get(f"/admin/batch/dashboard/{alice_batch.pk}/")
     assert page.status_code == 200
-    assert page.context["config"]["permissions"] == {"submit": True, "cancel": False, "resize": False}
+    assert page.context["config"]["permissions"] == {
+        "submit": True,
+        "cancel": False,
+        "resize": False,
+        "pause": False,
+        "retry": False,
+    }
     alice_batch.refresh_from_db()
     assert alice_batch.status == "pending"
 
@@ -90,7 +96,13 @@ def test_manager_group_can_cancel_and_resize_others_batches(
     assert api.patch(f"/api/batches/{alice_batch.pk}/", {"max_parallel": 2}, format="json").status_code == 200
     assert api.delete(f"/api/batches/{alice_batch.pk}/").json()["status"] == "cancelled"
     page = admin_client(manager).get("/admin/batch/dashboard/")
-    assert page.context["config"]["permissions"] == {"submit": True, "cancel": True, "resize": True}
+    assert page.context["config"]["permissions"] == {
+        "submit": True,
+        "cancel": True,
+        "resize": True,
+        "pause": False,
+        "retry": False,
+    }
 
 
 @pytest.mark.django_db

@@ -56,6 +56,10 @@ class BatchSerializer(serializers.ModelSerializer[BatchJob]):
     pending_items = serializers.IntegerField(read_only=True)
     owner = serializers.CharField(source="created_by.username", read_only=True, allow_null=True, default=None)
     callback_url = serializers.CharField(read_only=True, help_text="POSTed once the batch ends; empty: none.")
+    # A string, not a UUID object: the WebSocket's payloads and the webhook's body go through plain json.dumps.
+    retry_of: serializers.PrimaryKeyRelatedField[BatchJob] = serializers.PrimaryKeyRelatedField(
+        read_only=True, allow_null=True, pk_field=serializers.UUIDField()
+    )
 
     class Meta:
         model = BatchJob

@@ -1,5 +1,6 @@
 """The live dashboard in headless Chromium, against `manage.py serve` (embedded default: one
-process, in-memory channel layer, worker inside): submit, watch, resize, cancel.
+process, in-memory channel layer, worker inside): submit, watch, resize, cancel, pause, resume,
+retry failed items, and what a user without the permissions is offered.
 
 Needs Debian's `chromium` (/usr/bin/chromium); Playwright drives it, no browser download.
 The mid-run screenshots land in artifacts/ (kept by CI).
@@ -18,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.db.backends.signals import connection_created
 
-from tests.conftest import ROOT, SERVICE_SKIP
+from batch import services
+from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
+from tests.conftest import ROOT, SERVICE_SKIP, grant
 
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -115,9 +119,9 @@ def page(server: Server, django_user_model: Any) -> Iterator[Any]:
             browser.close()
 
 
-def login(page: Any) -> None:
+def login(page: Any, username: str = "admin") -> None:
     page.goto("/admin/login/?next=/admin/")
-    page.fill("#id_username", "admin")
+    page.fill("#id_username", username)
     page.fill("#id_password", "pw")
     page.click("input[type=submit]")
     page.click("#batch-dashboard-module a.section")  # the link on the admin index
@@ -252,3 +256,173 @@ def test_charts_plot_throughput_and_item_durations_mid_run(page: Any) -> None:
     assert results.evaluate("node => node.scrollWidth <= node.clientWidth + 1")
     assert page.evaluate("document.documentElement.scrollWidth") <= 1280
     page.screenshot(path=str(ARTIFACTS / "changelist.png"), full_page=True)
+
+
+def wait_until(condition: Any, *, timeout: float = 30, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not reached within {timeout}s")
+        time.sleep(0.05)
+
+
+def row_of(page: Any, batch_id: object) -> Any:
+    return page.locator(f'[data-batches] tr[data-id="{batch_id}"]')
+
+
+@pytest.fixture
+def orm(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The ORM in the test body: Playwright's sync API runs an event loop in this thread, which
+    Django's async-safety check takes for async code (the documented opt-out, tests only). The
+    body's queries run in another context than the fixtures (a connection of their own): it is
+    closed here, or PostgreSQL could not drop the test database."""
+    opened: list[Any] = []
+
+    def record(sender: Any, connection: Any, **kwargs: Any) -> None:
+        opened.append(connection)
+
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    connection_created.connect(record, weak=False)
+    try:
+        yield
+    finally:
+        connection_created.disconnect(record)
+        for wrapper in opened:
+            wrapper.close()
+
+
+def started_items(batch_id: object) -> int:
+    """Items that ever started (running or finished): a paused batch must not add any."""
+    return BatchJobItem.objects.filter(batch_id=batch_id).exclude(status=ItemStatus.PENDING).count()
+
+
+@pytest.mark.usefixtures("orm")
+def test_dashboard_pauses_resumes_and_retries_failed_items(page: Any) -> None:
+    login(page)
+    row = submit_batch(page, name="pausable", params='{"seconds": 0.4}', count=48)
+    batch = BatchJob.objects.get(name="pausable")
+    page.wait_for_function(
+        "row => Number(row.querySelector('[data-field=bar]').getAttribute('aria-valuenow')) >= 4"
+        " && row.querySelector('.bd-seg-running')",
+        arg=row.element_handle(),
+    )
+    assert row.locator("button.bd-resume").is_hidden()
+    row.locator("button.bd-pause").click()
+    dialog = page.locator("[data-pause-dialog]")
+    assert dialog.is_visible()
+    assert "items already running finish" in dialog.inner_text()
+    dialog.locator("[data-pause-drain]").fill("20")
+    dialog.locator("[data-pause-confirm]").click()
+    dialog.locator("[data-pause-result][data-kind=ok]").wait_for()
+    assert dialog.locator("[data-pause-result]").inner_text().startswith("Paused.")
+    dialog.locator("[data-pause-close]").click()
+    wait_for_status(page, row, "paused")
+    assert row.locator("button.bd-pause").is_hidden() and row.locator("button.bd-resume").is_visible()
+
+    batch.refresh_from_db()
+    assert (batch.status, batch.running_items) == (BatchStatus.PAUSED, 0)
+    started = started_items(batch.pk)
+    assert 4 <= started < 48
+    # A negative: watch for 1.5 s (15 worker polls) that no item of the paused batch starts.
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        assert started_items(batch.pk) == started
+        time.sleep(0.1)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-paused.png"), full_page=True)
+
+    row.locator("button.bd-resume").click()
+    wait_for_status(page, row, "running")
+    assert row.locator("button.bd-pause").is_visible() and row.locator("button.bd-resume").is_hidden()
+    wait_for_status(page, row, "succeeded")
+    batch.refresh_from_db()
+    assert (batch.status, batch.succeeded_items) == (BatchStatus.SUCCEEDED, 48)
+    assert row.locator("button.bd-retry").is_hidden()  # nothing failed
+
+    mixed = [{"seconds": 0.05, "fail": index % 4 == 0} for index in range(12)]
+    failing = submit_batch(page, name="flaky", params=json.dumps(mixed))
+    wait_for_status(page, failing, "failed")
+    original = BatchJob.objects.get(name="flaky")
+    failing.locator("button.bd-retry").click()
+    retry = page.locator("[data-retry-dialog]")
+    assert retry.is_visible()
+    assert retry.locator("[data-retry-count]").inner_text() == "3 failed items"
+    assert retry.locator("[data-retry-cancelled-row]").is_hidden()  # nothing was cancelled
+    retry.locator("[data-retry-confirm]").click()
+    retry.locator("[data-retry-result][data-kind=ok]").wait_for()
+    page.screenshot(path=str(ARTIFACTS / "dashboard-retry-dialog.png"))
+
+    again = BatchJob.objects.get(retry_of=original)
+    items = list(again.items.order_by("index").values_list("index", "source_index", "params"))
+    failed_params = dict(original.items.filter(status=ItemStatus.FAILED).values_list("index", "params"))
+    assert sorted(failed_params) == [0, 4, 8]
+    assert items == [(n, source, failed_params[source]) for n, source in enumerate([0, 4, 8])]
+    row_of(page, again.pk).wait_for()  # the list page shows the new batch at once
+    link = retry.locator("[data-retry-link]")
+    assert link.get_attribute("href") == f"/admin/batch/dashboard/{again.pk}/"
+    link.click()
+    page.wait_for_url(f"**/admin/batch/dashboard/{again.pk}/")
+    page.wait_for_selector("[data-conn][data-state=live]")
+    card = page.locator("[data-batch-card]")
+    assert card.locator("[data-field=retryof] a").get_attribute("href") == f"/admin/batch/dashboard/{original.pk}/"
+    page.wait_for_function("document.querySelector('[data-batch-card] [data-field=status]').textContent == 'failed'")
+    assert card.locator("button.bd-retry").is_visible()  # its items fail again: it can be retried in turn
+    for kind in ("jsonl", "csv"):
+        href = card.locator(f"a[data-export={kind}]").get_attribute("href")
+        assert href == f"/api/batches/{again.pk}/export/?as={kind}"
+
+
+@pytest.mark.usefixtures("orm")
+def test_user_without_the_permissions_sees_no_lifecycle_buttons(page: Any, django_user_model: Any) -> None:
+    admin = django_user_model.objects.get(username="admin")
+    paused = services.submit_batch(handler="demo.sleep", items=[{"seconds": 0.2}] * 3, created_by=admin).batch
+    services.pause_batch(batch_id=paused.pk)
+    failed = services.submit_batch(handler="demo.sleep", items=[{"seconds": 0, "fail": True}], created_by=admin).batch
+    wait_until(lambda: BatchJob.objects.get(pk=failed.pk).status == BatchStatus.FAILED, what="a failed batch")
+    login(page)  # the superuser is offered them: the watcher's empty page below is no accident
+    page.goto("/admin/batch/dashboard/")
+    row_of(page, failed.pk).locator("button.bd-retry:visible").wait_for()
+    assert row_of(page, paused.pk).locator("button.bd-resume").is_visible()
+
+    watcher = django_user_model.objects.create_user("watcher", password="pw", is_staff=True)
+    grant(watcher, "view_batchjob")
+    other = page.context.browser.new_context(base_url=page.url.split("/admin")[0])
+    try:
+        watching = other.new_page()
+        login(watching, "watcher")
+        for batch, status in ((paused, "paused"), (failed, "failed")):
+            wait_for_status(watching, row_of(watching, batch.pk), status)
+        assert watching.locator("[data-batches] button:visible").count() == 0
+        watching.goto(f"/admin/batch/dashboard/{failed.pk}/")
+        watching.wait_for_function(
+            "document.querySelector('[data-batch-card] [data-field=status]').textContent == 'failed'"
+        )
+        assert watching.locator("[data-batch-card] button:visible").count() == 0
+        assert watching.locator("[data-batch-card] a[data-export=csv]").is_visible()  # viewing is enough
+    finally:
+        other.close()
+    services.request_cancel(batch_id=paused.pk)
+
+
+@pytest.mark.usefixtures("orm")
+def test_retry_dialog_can_include_the_cancelled_items(page: Any) -> None:
+    login(page)
+    params = [{"seconds": 0, "fail": True}] + [{"seconds": 5}] * 9
+    row = submit_batch(page, name="stopped", params=json.dumps(params))
+    page.wait_for_function(
+        "row => row.querySelector('[data-field=failed]').textContent === '1'", arg=row.element_handle()
+    )
+    original = BatchJob.objects.get(name="stopped")
+    services.request_cancel(batch_id=original.pk)
+    wait_for_status(page, row, "cancelled")
+    row.locator("button.bd-retry").click()
+    retry = page.locator("[data-retry-dialog]")
+    include = retry.locator("[data-retry-cancelled]")
+    assert retry.locator("[data-retry-cancelled-count]").inner_text() == "9"
+    assert include.is_visible() and not include.is_checked()
+    include.check()
+    retry.locator("[data-retry-confirm]").click()
+    retry.locator("[data-retry-result][data-kind=ok]").wait_for()
+    again = BatchJob.objects.get(retry_of=original)
+    assert list(again.items.order_by("index").values_list("source_index", flat=True)) == list(range(10))
+    assert "10 items" in retry.locator("[data-retry-result]").inner_text()

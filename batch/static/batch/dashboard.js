@@ -1,4 +1,5 @@
-/* Live batch dashboard: WebSocket snapshot + events, REST calls for submit, resize, cancel.
+/* Live batch dashboard: WebSocket snapshot + events, REST calls for submit and resize; the
+ * cancel, pause, resume and retry controls are actions.js's (loaded first).
  * Dependency-free. The page's config comes from the json_script "batch-dashboard-config". */
 (function () {
   "use strict";
@@ -201,18 +202,6 @@
       b.max_parallel > config.globalMaxParallel ? "(capped at " + config.globalMaxParallel + ")" : "";
   }
 
-  function renderActions(entry) {
-    const box = entry.el.querySelector("[data-field=actions]");
-    if (!box.firstChild) {
-      const button = el("button", { type: "button", class: "button bd-danger bd-cancel", text: "Cancel…" });
-      button.addEventListener("click", () => openCancel(entry));
-      box.append(button);
-    }
-    const active = !TERMINAL.has(entry.data.status) && entry.data.status !== "cancelling";
-    box.firstChild.disabled = !active;
-    box.firstChild.hidden = TERMINAL.has(entry.data.status) || !allowed("cancel", entry.data);
-  }
-
   function renderTiming(entry) {
     const t = timing(entry);
     for (const key of ["rate", "elapsed", "eta"]) entry.el.querySelector(`[data-field=${key}]`).textContent = t[key];
@@ -233,9 +222,23 @@
     if (title) title.textContent = label(b);
     const created = q("created");
     if (created) created.textContent = b.created_at ? new Date(b.created_at).toLocaleString() : "–";
+    const reason = q("reason");
+    if (reason) reason.textContent = b.status_reason ? "(" + b.status_reason + ")" : "";
+    renderRetryOf(entry);
     renderTiming(entry);
     renderParallel(entry);
-    renderActions(entry);
+    actions.render(entry);
+  }
+
+  function renderRetryOf(entry) {
+    const box = entry.el.querySelector("[data-field=retryof]");
+    if (!box) return;
+    const original = entry.data.retry_of;
+    box.hidden = !original;
+    if (!original) return;
+    const link = box.querySelector("a");
+    link.href = config.dashboardUrl + original + "/";
+    link.textContent = "batch " + original.slice(0, 8);
   }
 
   function newRow(b) {
@@ -424,6 +427,10 @@
     });
   }
 
+  const actions = window.BatchActions.install({
+    config, api, applyBatch, label, allowed, problemText, fmtInt, el, TERMINAL,
+  });
+
   // --- socket --------------------------------------------------------------------------------
 
   function onMessage(message) {
@@ -477,64 +484,6 @@
     };
     open();
   }
-
-  // --- cancel dialog ---------------------------------------------------------------------------
-
-  const dialog = document.querySelector("[data-cancel-dialog]");
-  let cancelEntry = null;
-
-  function openCancel(entry) {
-    cancelEntry = entry;
-    dialog.querySelector("[data-cancel-name]").textContent = label(entry.data) + " (" + entry.data.handler + ")";
-    dialog.querySelector("[data-cancel-drain]").value = String(Math.min(config.drainTimeout, 30));
-    const result = dialog.querySelector("[data-cancel-result]");
-    result.hidden = true;
-    result.className = "bd-result";
-    dialog.querySelector("[data-cancel-confirm]").hidden = false;
-    dialog.querySelector("[data-cancel-confirm]").disabled = false;
-    dialog.querySelector("[data-cancel-close]").textContent = "Keep running";
-    dialog.showModal();
-  }
-
-  function showCancelResult(kind, text) {
-    const result = dialog.querySelector("[data-cancel-result]");
-    result.hidden = false;
-    result.className = "bd-result bd-result-" + kind;
-    result.textContent = text;
-    result.dataset.kind = kind;
-  }
-
-  async function confirmCancel() {
-    const entry = cancelEntry;
-    const drain = Math.max(0, Number(dialog.querySelector("[data-cancel-drain]").value) || 0);
-    const confirm = dialog.querySelector("[data-cancel-confirm]");
-    confirm.disabled = true;
-    showCancelResult("pending", `Cancelling… waiting up to ${drain}s for running items to stop.`);
-    const url = `${config.apiBatches}${entry.data.id}/?drain_timeout=${drain}`;
-    try {
-      const result = await api("DELETE", url);
-      if (result.data && result.data.id) applyBatch(result.data);
-      if (result.status === 200) {
-        const b = result.data || entry.data;
-        showCancelResult("ok", `Cancelled. ${fmtInt(b.cancelled_items)} items cancelled, ` +
-          `${fmtInt(b.succeeded_items)} succeeded and ${fmtInt(b.failed_items)} failed before the cancel.`);
-      } else if (result.status === 504) {
-        showCancelResult("warning", `Still draining after ${drain}s: the batch stays "cancelling" and ends by itself; ` +
-          "items that ignore cancellation are stopped at the batch's drain deadline.");
-      } else if (result.status === 409) {
-        showCancelResult("warning", "Nothing to cancel: the batch has already finished.");
-      } else {
-        showCancelResult("error", "Cancel failed: " + problemText(result));
-      }
-    } catch (exc) {
-      showCancelResult("error", "Cancel failed: " + exc);
-    }
-    confirm.hidden = true;
-    dialog.querySelector("[data-cancel-close]").textContent = "Close";
-  }
-
-  dialog.querySelector("[data-cancel-confirm]").addEventListener("click", confirmCancel);
-  dialog.querySelector("[data-cancel-close]").addEventListener("click", () => dialog.close());
 
   // --- submit form -----------------------------------------------------------------------------
 
