@@ -6,9 +6,11 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db import connection
 from django.db.models import BooleanField, Count, F, Q, QuerySet
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Now
@@ -171,3 +173,68 @@ def progress_rows(batch_ids: Iterable[uuid.UUID]) -> list[ProgressRow]:
         )
         for b in rows
     ]
+
+
+EXPORT_FIELDS = ("index", "source_index", "status", "attempts", "params", "result", "error")
+
+
+def export_chunk(batch_id: uuid.UUID, *, after: int, limit: int) -> list[tuple[Any, ...]]:
+    """The next `limit` items after index `after` as `EXPORT_FIELDS` tuples (keyset pagination on
+    the unique (batch, index) index: each chunk is one short query, no cursor held between them)."""
+    items = BatchJobItem.objects.filter(batch_id=batch_id, index__gt=after).order_by("index")
+    return list(items.values_list(*EXPORT_FIELDS)[:limit])
+
+
+@dataclass(frozen=True)
+class JsonKeys:
+    """Top-level keys of one JSON column over a batch's items: at most `limit` of them (code-point
+    order, each at most `max_length` characters); `overflow` when some value is not an object or a
+    key did not fit (too many, or too long)."""
+
+    keys: tuple[str, ...]
+    overflow: bool
+
+
+# Per database: the (item, key) pairs of a JSON column (a non-object value has none), the key
+# in code-point order (PostgreSQL's "C" collation; SQLite's BINARY compares UTF-8 bytes, the same
+# order), and "the value is neither an object nor null". The same rule, written for each.
+_KEY_SQL = {
+    "postgresql": (
+        "batch_job_item i CROSS JOIN jsonb_object_keys("
+        "CASE WHEN jsonb_typeof(i.{col}) = 'object' THEN i.{col} ELSE '{{}}'::jsonb END) AS j(key)",
+        'j.key COLLATE "C"',
+        "jsonb_typeof(i.{col}) NOT IN ('object', 'null')",
+    ),
+    "sqlite": (
+        "batch_job_item i, json_each(CASE WHEN json_type(i.{col}) = 'object' THEN i.{col} ELSE '{{}}' END) AS j",
+        "CAST(j.key AS BLOB)",  # bytes: a key with a lone surrogate would not decode as text
+        "json_type(i.{col}) NOT IN ('object', 'null')",
+    ),
+}
+
+
+def json_keys(batch_id: uuid.UUID, column: str, *, limit: int, max_length: int) -> JsonKeys:
+    """The keys of `column` ("params" or "result") over the batch's items, found by the database
+    (at most `limit` + 1 rows come back), so that a CSV header is known before the first row."""
+    if column not in ("params", "result"):
+        raise ValueError(f"not a JSON column of items: {column!r}")
+    pairs, key, not_object = (part.format(col=column) for part in _KEY_SQL[connection.vendor])
+    batch = BatchJobItem._meta.get_field("batch").get_db_prep_value(batch_id, connection)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT DISTINCT {key} FROM {pairs} WHERE i.batch_id = %s AND length(j.key) <= %s ORDER BY 1 LIMIT %s",
+            [batch, max_length, limit + 1],
+        )
+        keys = tuple(_text(row[0]) for row in cursor.fetchall())
+        cursor.execute(
+            f"SELECT EXISTS (SELECT 1 FROM batch_job_item i WHERE i.batch_id = %s AND {not_object})"
+            f" OR EXISTS (SELECT 1 FROM {pairs} WHERE i.batch_id = %s AND length(j.key) > %s)",
+            [batch, batch, max_length],
+        )
+        row = cursor.fetchone()
+    return JsonKeys(keys=keys[:limit], overflow=bool(row and row[0]) or len(keys) > limit)
+
+
+def _text(key: str | bytes) -> str:
+    # SQLite returns a lone surrogate's escape as CESU-8 bytes; surrogatepass gives the str json.loads gives.
+    return key.decode("utf-8", "surrogatepass") if isinstance(key, bytes) else key
