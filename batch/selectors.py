@@ -195,44 +195,44 @@ class JsonKeys:
     overflow: bool
 
 
-# Per database: the (item, key) pairs of a JSON column (a non-object value has none), the key
-# in code-point order (PostgreSQL's "C" collation; SQLite's BINARY compares UTF-8 bytes, the same
-# order), and "the value is neither an object nor null". The same rule, written for each.
+# Per database: the keys of a JSON column, one row per (item, key), and one row with a NULL key
+# for an item whose value is neither an object nor null (LEFT JOIN of a key function that gives no
+# rows for a NULL argument); the key as text in code-point order (PostgreSQL's "C" collation;
+# SQLite's BINARY compares UTF-8 bytes, the same order; bytes: a lone surrogate would not decode).
 _KEY_SQL = {
     "postgresql": (
-        "batch_job_item i CROSS JOIN jsonb_object_keys("
-        "CASE WHEN jsonb_typeof(i.{col}) = 'object' THEN i.{col} ELSE '{{}}'::jsonb END) AS j(key)",
+        "jsonb_typeof",
+        "LEFT JOIN LATERAL jsonb_object_keys(CASE WHEN jsonb_typeof(i.{col}) = 'object' THEN i.{col} END)"
+        " AS j(key) ON true",
         'j.key COLLATE "C"',
-        "jsonb_typeof(i.{col}) NOT IN ('object', 'null')",
     ),
     "sqlite": (
-        "batch_job_item i, json_each(CASE WHEN json_type(i.{col}) = 'object' THEN i.{col} ELSE '{{}}' END) AS j",
-        "CAST(j.key AS BLOB)",  # bytes: a key with a lone surrogate would not decode as text
-        "json_type(i.{col}) NOT IN ('object', 'null')",
+        "json_type",
+        "LEFT JOIN json_each(CASE WHEN json_type(i.{col}) = 'object' THEN i.{col} END) AS j ON true",
+        "CAST(j.key AS BLOB)",
     ),
 }
+_KEYS = """SELECT DISTINCT CASE WHEN j.key IS NULL OR length(j.key) > %s THEN NULL ELSE {key} END
+FROM batch_job_item i {join}
+WHERE i.batch_id = %s AND (j.key IS NOT NULL OR {typeof}(i.{col}) NOT IN ('object', 'null'))
+ORDER BY 1 NULLS FIRST LIMIT %s"""
 
 
 def json_keys(batch_id: uuid.UUID, column: str, *, limit: int, max_length: int) -> JsonKeys:
     """The keys of `column` ("params" or "result") over the batch's items, found by the database
-    (at most `limit` + 1 rows come back), so that a CSV header is known before the first row."""
+    in one scan (at most `limit` + 2 rows come back), so that a CSV header is known before the
+    first row. NULL, sorted first, stands for "a value or key without a column of its own"."""
     if column not in ("params", "result"):
         raise ValueError(f"not a JSON column of items: {column!r}")
-    pairs, key, not_object = (part.format(col=column) for part in _KEY_SQL[connection.vendor])
+    typeof, join, key = _KEY_SQL[connection.vendor]
+    sql = _KEYS.format(key=key, join=join.format(col=column), typeof=typeof, col=column)
     batch = BatchJobItem._meta.get_field("batch").get_db_prep_value(batch_id, connection)
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT DISTINCT {key} FROM {pairs} WHERE i.batch_id = %s AND length(j.key) <= %s ORDER BY 1 LIMIT %s",
-            [batch, max_length, limit + 1],
-        )
-        keys = tuple(_text(row[0]) for row in cursor.fetchall())
-        cursor.execute(
-            f"SELECT EXISTS (SELECT 1 FROM batch_job_item i WHERE i.batch_id = %s AND {not_object})"
-            f" OR EXISTS (SELECT 1 FROM {pairs} WHERE i.batch_id = %s AND length(j.key) > %s)",
-            [batch, batch, max_length],
-        )
-        row = cursor.fetchone()
-    return JsonKeys(keys=keys[:limit], overflow=bool(row and row[0]) or len(keys) > limit)
+        cursor.execute(sql, [max_length, batch, limit + 2])
+        found = [row[0] for row in cursor.fetchall()]
+    overflow = bool(found) and found[0] is None
+    keys = tuple(_text(k) for k in found[overflow:])
+    return JsonKeys(keys=keys[:limit], overflow=overflow or len(keys) > limit)
 
 
 def _text(key: str | bytes) -> str:

@@ -7,6 +7,7 @@ details whatever the client accepts (a browser following a download link sends `
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from adrf.viewsets import GenericViewSet
@@ -16,6 +17,7 @@ from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.decorators import action
 from rest_framework.negotiation import BaseContentNegotiation
+from rest_framework.parsers import BaseParser
 from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
 
@@ -36,17 +38,20 @@ class ExportFormatSerializer(serializers.Serializer[dict[str, Any]]):
 class FirstRenderer(BaseContentNegotiation):
     """The view's first renderer (JSON) for its problem responses, whatever `Accept` says."""
 
-    def select_parser(self, request: Request, parsers: list[Any]) -> Any:
-        return parsers[0] if parsers else None
+    def select_parser(self, request: Request, parsers: Iterable[BaseParser]) -> BaseParser | None:
+        return next(iter(parsers), None)
 
-    def select_renderer(self, request: Request, renderers: list[BaseRenderer], format_suffix: str | None = None) -> Any:
-        return renderers[0], renderers[0].media_type
+    def select_renderer(
+        self, request: Request, renderers: Iterable[BaseRenderer], format_suffix: str | None = None
+    ) -> tuple[BaseRenderer, str]:
+        renderer = next(iter(renderers))
+        return renderer, renderer.media_type
 
 
 class ExportActions(GenericViewSet):
     """`export` for `BatchViewSet` (which provides the queryset and permissions)."""
 
-    @extend_schema(  # type: ignore[type-var]
+    @extend_schema(
         parameters=[ExportFormatSerializer],
         responses={
             (200, "application/x-ndjson"): OpenApiResponse(
