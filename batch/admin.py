@@ -162,7 +162,7 @@ class BatchJobAdmin(AuditTrailMixin, ReadOnlyAdmin):
         url = reverse("batch-export", args=[batch.pk])
         return format_html('Download <a href="{}?as=csv">CSV</a> · <a href="{}?as=jsonl">JSON Lines</a>', url, url)
 
-    @admin.action(description="Download results (CSV) of the selected batch", permissions=["view"])
+    @admin.action(description="Download results (CSV)", permissions=["view"])
     def download_results(self, request: HttpRequest, queryset: QuerySet[BatchJob]) -> StreamingHttpResponse | None:
         batches = list(queryset[:2])
         if len(batches) != 1:

@@ -29,7 +29,7 @@ from batch.models import BatchJob
 CONTENT_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
 MAX_KEY_COLUMNS = 100  # per JSON field (params, result); the rest goes to its overflow column
 MAX_KEY_LENGTH = 200  # a longer key gets no column of its own either
-FIRST_CHUNK_ROWS, MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 500, 20, 5000
+FIRST_CHUNK_ROWS, MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 100, 10, 5000  # rows; items reach 64 KiB of params
 CHUNK_BYTES = 1 << 20  # later chunks aim at about this much output: big items, fewer rows
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # OWASP: what spreadsheets read as a formula
 _SURROGATES = re.compile("[\ud800-\udfff]")
