@@ -253,7 +253,7 @@ def test_a_stored_lone_surrogate_key_in_results_exports_on_sqlite(api_client: An
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_under_asgi_the_stream_is_async_and_reads_one_chunk_at_a_time(
+async def test_under_asgi_the_stream_is_async_reads_one_chunk_at_a_time_and_holds_no_connection(
     user: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from asgiref.sync import sync_to_async
@@ -280,6 +280,7 @@ async def test_under_asgi_the_stream_is_async_and_reads_one_chunk_at_a_time(
     first = await asyncio.wait_for(anext(stream), timeout=30)
     assert [json.loads(line)["index"] for line in first.splitlines()] == [0, 1]
     assert reads == [-1]  # nothing read ahead of what was sent
+    assert await sync_to_async(lambda: connection.connection is None)()  # and no connection held meanwhile
     rest = [chunk async for chunk in stream]
     assert [json.loads(line)["index"] for line in b"".join([first, *rest]).splitlines()] == list(range(7))
     assert reads == [-1, 1, 3, 5]
