@@ -73,7 +73,7 @@ class Layout:
 
 
 def plan(batch: BatchJob, fmt: str) -> Layout:
-    """The layout of `batch`'s export; for CSV this reads the key columns (two scans per field)."""
+    """The layout of `batch`'s export; for CSV this reads the key columns (one scan per field)."""
     with_source_index = batch.retry_of_id is not None
     if fmt == "jsonl":
         return Layout(fmt, with_source_index)
