@@ -2,7 +2,8 @@
 
 Cancel, resize, pause, resume and retry are admin actions guarded by the model's
 `cancel_batchjob`, `resize_batchjob`, `pause_batchjob` and `retry_batchjob` permissions.
-Cancelling and pausing do not wait for the running items (the API does).
+Cancelling and pausing do not wait for the running items (the API does). "Download results"
+streams one batch's CSV (`batch.export`); its page links to both export formats of the API.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from batch import services
+from batch import export, services
 from batch.audit import AuditTrailMixin
 from batch.models import BatchCallback, BatchJob, BatchJobItem
 
@@ -123,7 +124,14 @@ class BatchJobAdmin(AuditTrailMixin, ReadOnlyAdmin):
     list_filter = ["status", "handler"]
     search_fields = ["name", "handler"]
     list_select_related = ["created_by"]
-    actions = ["cancel_batches", "resize_batches", "pause_batches", "resume_batches", "retry_batches"]
+    actions = [
+        "cancel_batches",
+        "resize_batches",
+        "pause_batches",
+        "resume_batches",
+        "retry_batches",
+        "download_results",
+    ]
     readonly_fields = [
         "id",
         "name",
@@ -142,6 +150,7 @@ class BatchJobAdmin(AuditTrailMixin, ReadOnlyAdmin):
         "failed_items",
         "cancelled_items",
         "items_link",
+        "export_links",
         "owner",
         "created_at",
         "started_at",
@@ -193,6 +202,19 @@ class BatchJobAdmin(AuditTrailMixin, ReadOnlyAdmin):
     def items_link(self, batch: BatchJob) -> SafeString:
         url = reverse("admin:batch_batchjobitem_changelist") + f"?batch__id__exact={batch.pk}"
         return format_html('<a href="{}">{} items of this batch</a>', url, batch.total_items)
+
+    @admin.display(description="results")
+    def export_links(self, batch: BatchJob) -> SafeString:
+        url = reverse("batch-export", args=[batch.pk])
+        return format_html('Download <a href="{}?as=csv">CSV</a> · <a href="{}?as=jsonl">JSON Lines</a>', url, url)
+
+    @admin.action(description="Download results (CSV)", permissions=["view"])
+    def download_results(self, request: HttpRequest, queryset: QuerySet[BatchJob]) -> StreamingHttpResponse | None:
+        batches = list(queryset[:2])
+        if len(batches) != 1:
+            self.message_user(request, "Select exactly one batch to download its results.", messages.WARNING)
+            return None
+        return export.streaming_response(request, batches[0], "csv")
 
     def has_cancel_permission(self, request: HttpRequest) -> bool:
         return bool(request.user.has_perm("batch.cancel_batchjob"))

@@ -6,9 +6,11 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db import connection
 from django.db.models import BooleanField, Count, Exists, F, OuterRef, Q, QuerySet
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Now
@@ -181,3 +183,68 @@ def progress_rows(batch_ids: Iterable[uuid.UUID]) -> list[ProgressRow]:
         )
         for b in rows
     ]
+
+
+EXPORT_FIELDS = ("index", "source_index", "status", "attempts", "params", "result", "error")
+
+
+def export_chunk(batch_id: uuid.UUID, *, after: int, limit: int) -> list[tuple[Any, ...]]:
+    """The next `limit` items after index `after` as `EXPORT_FIELDS` tuples (keyset pagination on
+    the unique (batch, index) index: each chunk is one short query, no cursor held between them)."""
+    items = BatchJobItem.objects.filter(batch_id=batch_id, index__gt=after).order_by("index")
+    return list(items.values_list(*EXPORT_FIELDS)[:limit])
+
+
+@dataclass(frozen=True)
+class JsonKeys:
+    """Top-level keys of one JSON column over a batch's items: at most `limit` of them (code-point
+    order, each at most `max_length` characters); `overflow` when some value is not an object or a
+    key did not fit (too many, or too long)."""
+
+    keys: tuple[str, ...]
+    overflow: bool
+
+
+# Per database: the keys of a JSON column, one row per (item, key), and one row with a NULL key
+# for an item whose value is neither an object nor null (LEFT JOIN of a key function that gives no
+# rows for a NULL argument); the key as text in code-point order (PostgreSQL's "C" collation;
+# SQLite's BINARY compares UTF-8 bytes, the same order; bytes: a lone surrogate would not decode).
+_KEY_SQL = {
+    "postgresql": (
+        "jsonb_typeof",
+        "LEFT JOIN LATERAL jsonb_object_keys(CASE WHEN jsonb_typeof(i.{col}) = 'object' THEN i.{col} END)"
+        " AS j(key) ON true",
+        'j.key COLLATE "C"',
+    ),
+    "sqlite": (
+        "json_type",
+        "LEFT JOIN json_each(CASE WHEN json_type(i.{col}) = 'object' THEN i.{col} END) AS j ON true",
+        "CAST(j.key AS BLOB)",
+    ),
+}
+_KEYS = """SELECT DISTINCT CASE WHEN j.key IS NULL OR length(j.key) > %s THEN NULL ELSE {key} END
+FROM batch_job_item i {join}
+WHERE i.batch_id = %s AND (j.key IS NOT NULL OR {typeof}(i.{col}) NOT IN ('object', 'null'))
+ORDER BY 1 NULLS FIRST LIMIT %s"""
+
+
+def json_keys(batch_id: uuid.UUID, column: str, *, limit: int, max_length: int) -> JsonKeys:
+    """The keys of `column` ("params" or "result") over the batch's items, found by the database
+    in one scan (at most `limit` + 2 rows come back), so that a CSV header is known before the
+    first row. NULL, sorted first, stands for "a value or key without a column of its own"."""
+    if column not in ("params", "result"):
+        raise ValueError(f"not a JSON column of items: {column!r}")
+    typeof, join, key = _KEY_SQL[connection.vendor]
+    sql = _KEYS.format(key=key, join=join.format(col=column), typeof=typeof, col=column)
+    batch = BatchJobItem._meta.get_field("batch").get_db_prep_value(batch_id, connection)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [max_length, batch, limit + 2])
+        found = [row[0] for row in cursor.fetchall()]
+    overflow = bool(found) and found[0] is None
+    keys = tuple(_text(k) for k in found[overflow:])
+    return JsonKeys(keys=keys[:limit], overflow=overflow or len(keys) > limit)
+
+
+def _text(key: str | bytes) -> str:
+    # SQLite returns a lone surrogate's escape as CESU-8 bytes; surrogatepass gives the str json.loads gives.
+    return key.decode("utf-8", "surrogatepass") if isinstance(key, bytes) else key

@@ -24,6 +24,7 @@ from rest_framework.throttling import BaseThrottle
 from batch import selectors, services
 from batch.api import concurrency, drain
 from batch.api.exceptions import Conflict, DrainTimeout, PayloadTooLarge
+from batch.api.export import ExportActions
 from batch.api.lifecycle import LifecycleActions
 from batch.api.limits import CancelRateThrottle
 from batch.api.pagination import BatchPagination, ItemPagination
@@ -75,7 +76,7 @@ def _validated(serializer_class: type[serializers.Serializer[Any]], data: Any) -
     items=extend_schema(parameters=[ItemFilterSerializer], responses={200: ItemSerializer(many=True)}),
     callbacks=extend_schema(responses={200: CallbackSerializer(many=True)}),
 )
-class BatchViewSet(LifecycleActions, GenericViewSet):
+class BatchViewSet(LifecycleActions, ExportActions, GenericViewSet):
     """Your batches; every user's with the `batch.view_batchjob` permission (superusers have it).
     A batch you may not see answers 404; one you see but may not change answers 403."""
 
