@@ -63,8 +63,7 @@ def batch_dashboard(request: HttpRequest, batch_id: uuid.UUID) -> HttpResponse:
         **admin.site.each_context(request),
         "title": batch.name or f"Batch {batch.pk.hex[:8]}",
         "batch": batch,
-        # The export action of the batch API (`/api/batches/{id}/export/?as=jsonl|csv`).
-        "export_url": reverse("batch-detail", args=[batch.pk]) + "export/",
+        "export_url": reverse("batch-export", args=[batch.pk]),  # ?as=jsonl|csv
         "config": _config(batchId=str(batch.pk), **access),
     }
     return TemplateResponse(request, "admin/batch/dashboard_batch.html", context)
