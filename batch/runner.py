@@ -144,6 +144,11 @@ class BatchRunner:
             for task in self._running.values():
                 task.cancel()
 
+    def expect_items(self) -> None:
+        """The batch was resumed: a fetch while it was paused found nothing, which said nothing
+        of its items; want permits and fetch again."""
+        self.store.exhausted = False
+
     def stop_claiming(self) -> None:
         """Graceful shutdown: launch nothing more, let running items finish."""
         self._halt()

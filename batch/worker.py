@@ -331,6 +331,10 @@ class Worker:
                 permits.effective_parallel, permits.resync = state.effective_parallel, True
             if state is not None and (state.status == BatchStatus.PAUSED) != permits.paused:
                 permits.paused, permits.resync = state.status == BatchStatus.PAUSED, True
+                if not permits.paused:
+                    runner.expect_items()
+            if not (permits.paused or permits.allowed or runner.wants_more or runner.running_item_ids):
+                runner.stop_claiming()  # nothing to run, no permit to run it with: the run ends
         await self._sync_permits([batch_id for batch_id in asked if self._sync_due(batch_id)])
 
     def _sync_due(self, batch_id: uuid.UUID) -> bool:

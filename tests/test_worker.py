@@ -281,3 +281,40 @@ async def test_one_owners_batches_leave_room_for_another_owner(settings: Any, dj
         worker.stop()
         worker.stop()
         await asyncio.wait_for(run, TIMEOUT)
+
+
+@batch_handler("test.first_waits")
+async def first_waits(params: dict[str, Any], ctx: ItemContext) -> None:
+    """The first item to start signals and waits for the gate; the others return at once."""
+    assert Probe.started is not None and Probe.gate is not None
+    Probe.starts += 1
+    if Probe.starts == 1:
+        Probe.started.set()
+        await Probe.gate.wait()
+
+
+async def test_a_run_that_fetched_nothing_while_paused_takes_its_items_up_again_on_resume() -> None:
+    """Found by tests/test_lifecycle_cluster.py (1 run in 5 on PostgreSQL): a runner's fetch that
+    lands while its batch is paused finds nothing, the store marks itself exhausted, the worker
+    then asks for no permits for it after the resume, and the run waits for a slot forever."""
+    Probe.reset()
+    batch = await submit(handler="test.first_waits", items=[{}] * 6, max_parallel=1)
+    worker = Worker(config(concurrency=2))
+    task = asyncio.create_task(worker.run())
+    assert Probe.started is not None and Probe.gate is not None
+    await asyncio.wait_for(Probe.started.wait(), TIMEOUT)
+    await sync_to_async(services.pause_batch)(batch_id=batch.pk)
+    runner = worker.runners[batch.pk]
+    await wait_until(lambda: _async_true(worker.permits[batch.pk].paused and runner.parallel == 0))
+    await runner.store.refill()  # the runner's own top-up, landing while the batch is paused
+    assert runner.store.exhausted
+    Probe.gate.set()  # the running item finishes; nothing more may start while paused
+    await wait_until(lambda: _running_is(batch, 0))
+    await sync_to_async(services.resume_batch)(batch_id=batch.pk)
+    await asyncio.wait_for(task, TIMEOUT)
+    batch = await refreshed(batch)
+    assert (batch.status, batch.succeeded_items, Probe.starts) == (BatchStatus.SUCCEEDED, 6, 6)
+
+
+async def _async_true(value: bool) -> bool:
+    return value
