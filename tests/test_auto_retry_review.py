@@ -94,9 +94,11 @@ async def test_a_due_retry_starts_while_another_item_of_the_batch_still_runs_on_
     `runnable_batches`; so item 1 waits until item 0 ends, however long that is."""
     Gate.reset()
     assert Gate.retried is not None and Gate.blocker_release is not None
-    batch = await sync_to_async(lambda: services.submit_batch(
-        handler="review.block_or_flaky", items=[{"block": True}, {}], max_parallel=2
-    ).batch)()
+    batch = await sync_to_async(
+        lambda: (
+            services.submit_batch(handler="review.block_or_flaky", items=[{"block": True}, {}], max_parallel=2).batch
+        )
+    )()
     config = WorkerConfig.from_settings(
         worker_id=f"review-{uuid.uuid4().hex[:8]}",
         handle_signals=False,
