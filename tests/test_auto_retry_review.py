@@ -131,3 +131,30 @@ async def _wait_finished(batch: BatchJob) -> BatchJob:
         if row.is_terminal:
             return row
         await asyncio.sleep(0.02)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.xfail(
+    strict=True,
+    reason="runbatch --exit-when-idle exits while a retry waits out its backoff, leaving the batch unfinished",
+)
+async def test_exit_when_idle_does_not_exit_while_a_retry_waits_its_backoff() -> None:
+    """`--exit-when-idle`: 'exit once no batch has work left'. Item 0 of `cluster.flaky` fails its
+    first attempt and waits 1 s (FixedRetry). The run ends (nothing startable), and
+    `_dispatch_once` sees no runner and no runnable batch (`runnable_batches` leaves out batches
+    whose pending items all wait), so the worker exits at once: the batch stays `running` with a
+    pending item and no worker."""
+    batch = await sync_to_async(lambda: services.submit_batch(handler="cluster.flaky", items=[{}]).batch)()
+    config = WorkerConfig.from_settings(
+        worker_id=f"review-{uuid.uuid4().hex[:8]}",
+        handle_signals=False,
+        exit_when_idle=True,
+        poll_interval=0.05,
+        heartbeat_seconds=0.2,
+    )
+    await asyncio.wait_for(Worker(config).run(), TIMEOUT)
+    row = await BatchJob.objects.aget(pk=batch.pk)
+    item = await BatchJobItem.objects.aget(batch=batch)
+    assert (row.status, item.status, item.attempts) == (BatchStatus.SUCCEEDED, ItemStatus.SUCCEEDED, 2), (
+        f"the worker exited with the batch {row.status} and its item {item.status} after {item.attempts} attempt(s)"
+    )
