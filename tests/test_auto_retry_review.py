@@ -13,8 +13,9 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from batch import services
-from batch.handlers import ItemContext, batch_handler
+from batch.handlers import ItemContext, Retry, batch_handler
 from batch.models import BatchJob, BatchJobItem, BatchStatus, ItemStatus
+from batch.processes import _error_reply, _exception
 from batch.services import Outcome, Start, Step
 from batch.worker import Worker, WorkerConfig
 from tests.cluster_handlers import FixedRetry  # also registers cluster.flaky
@@ -158,3 +159,33 @@ async def test_exit_when_idle_does_not_exit_while_a_retry_waits_its_backoff() ->
     assert (row.status, item.status, item.attempts) == (BatchStatus.SUCCEEDED, ItemStatus.SUCCEEDED, 2), (
         f"the worker exited with the batch {row.status} and its item {item.status} after {item.attempts} attempt(s)"
     )
+
+
+# --- the sync (process) path: the exception's type must survive the trip back ------------------
+
+
+class KeywordOnlyError(ConnectionError):
+    """Pickles, but cannot be rebuilt by `pickle.loads` (its __init__ takes a keyword only):
+    common in client libraries' exception classes."""
+
+    def __init__(self, *, code: int) -> None:
+        super().__init__(f"code {code}")
+        self.code = code
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a sync handler's exception that cannot be rebuilt comes back as HandlerError: Retry(on=...) misses it",
+)
+def test_a_process_handlers_exception_that_cannot_be_rebuilt_still_matches_its_retry_policy() -> None:
+    """The child sends the pickled exception; when it cannot be rebuilt (`_error_reply` tries),
+    the parent raises `HandlerError(type_name, message)`, which is no `ConnectionError`: a handler
+    with `Retry(on=(ConnectionError,))` retries this error as `async def` or `isolation="thread"`,
+    but fails it at once in a process. (The direct calls below are what `_run_job` and
+    `SyncProcessPool.call` do with it.)"""
+    try:
+        raise KeywordOnlyError(code=503)
+    except KeywordOnlyError as exc:
+        reply = _error_reply(exc)
+    raised = _exception(reply)
+    assert Retry(on=(ConnectionError,)).applies_to(raised), f"came back as {type(raised).__name__}: {raised}"
