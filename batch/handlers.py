@@ -121,7 +121,11 @@ class Retry:
             raise ValueError("Retry(on=...) must be a non-empty tuple of exception classes")
 
     def applies_to(self, error: BaseException) -> bool:
-        return isinstance(error, self.on) and not isinstance(error, ItemCancelled)
+        if isinstance(error, ItemCancelled):
+            return False
+        # A sync handler's exception that could not be rebuilt in the worker: by its class names.
+        remote = getattr(error, "remote_kinds", ())
+        return isinstance(error, self.on) or any(f"{kind.__module__}.{kind.__qualname__}" in remote for kind in self.on)
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number `attempt` (1 for the first)."""

@@ -46,9 +46,11 @@ Reply = tuple[Any, ...]
 class HandlerError(Exception):
     """A handler's exception (or result) that could not travel back from its process."""
 
-    def __init__(self, type_name: str, message: str) -> None:
+    def __init__(self, type_name: str, message: str, remote_kinds: tuple[str, ...] = ()) -> None:
         super().__init__(type_name, message)
         self.type_name, self.message = type_name, message
+        # "module.QualName" of the original exception's classes, so a `Retry(on=...)` still matches.
+        self.remote_kinds = remote_kinds
 
     def __str__(self) -> str:
         return f"{self.type_name}: {self.message}"
@@ -286,8 +288,8 @@ async def _send(conn: Connection, data: bytes) -> bool:
 
 
 def _exception(reply: Reply) -> BaseException:
-    _, blob, type_name, message, remote_traceback = reply
-    exc: BaseException = HandlerError(type_name, message)
+    _, blob, type_name, message, remote_traceback, *rest = reply
+    exc: BaseException = HandlerError(type_name, message, rest[0] if rest else ())
     if blob is not None:
         with contextlib.suppress(Exception):
             exc = pickle.loads(blob)
@@ -366,7 +368,8 @@ def _error_reply(exc: Exception) -> Reply:
         pickled = pickle.dumps(exc)
         pickle.loads(pickled)  # some exceptions pickle but cannot be rebuilt
         blob = pickled
-    return ("error", blob, type(exc).__name__, str(exc), remote_traceback)
+    kinds = tuple(f"{kind.__module__}.{kind.__qualname__}" for kind in type(exc).__mro__)
+    return ("error", blob, type(exc).__name__, str(exc), remote_traceback, kinds)
 
 
 def _without_pool(config: dict[str, Any]) -> dict[str, Any]:

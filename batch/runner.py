@@ -14,6 +14,8 @@ releases items; a runner of sync handlers) as arguments, so tests drive it witho
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -34,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 HOLD_HORIZON = 0.02  # hold enough items to keep the slots busy this long without the database
 MAX_HOLD = 512
+RETRY_POLL_SECONDS = 0.25  # how often a run whose other items still run looks for retries come due
 MAX_ERROR_LENGTH = 4000  # characters of a failed attempt's error kept (an item keeps up to five)
 
 
@@ -183,12 +186,29 @@ class BatchRunner:
                         item = self.store.take()
                     if item is None:
                         self._release_slot()
-                        if self.store.exhausted:
+                        if self.store.exhausted and not await self._await_due_retries():
                             break
                         continue
                     self._start(group, item)
         finally:
             await asyncio.shield(self.store.close())
+
+    async def _await_due_retries(self) -> bool:
+        """Nothing startable is left, but with a `Retry` policy some pending items may be waiting
+        out a backoff: while items of the batch still run here (the run stays, and the dispatch
+        loop would not take the batch up again), look again every RETRY_POLL_SECONDS, holding no
+        slot and wanting no permit meanwhile. True once something is held to start."""
+        if self.handler.retry is None:
+            return False
+        while self._running and not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), RETRY_POLL_SECONDS)
+            if self._stop.is_set():
+                return False
+            await self.store.refill()
+            if self.store.held_item_ids():
+                return True
+        return False
 
     async def _acquire_slot(self) -> bool:
         """A slot of the batch's and one of the worker's; False once the run stops."""
@@ -232,7 +252,7 @@ class BatchRunner:
     async def _run_item(self, item: ClaimedItem) -> None:
         try:
             began = time.monotonic()
-            outcome = await self._execute(item)
+            outcome = dataclasses.replace(await self._execute(item), attempt=item.attempt)
             duration = time.monotonic() - began
             self._metrics.finished(metrics.RETRIED if outcome.retry_in is not None else outcome.status, duration)
             self._mean_duration = (

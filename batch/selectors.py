@@ -52,6 +52,16 @@ def runnable_batches(
     return list(batches.order_by("created_at").values_list("id", "handler", "created_by_id")[:100])
 
 
+def retries_waiting(*, only: uuid.UUID | None = None) -> bool:
+    """Whether a pending or running batch has an item waiting out a retry's backoff."""
+    waiting = BatchJobItem.objects.filter(
+        status=ItemStatus.PENDING,
+        available_at__isnull=False,
+        batch__status__in=[BatchStatus.PENDING, BatchStatus.RUNNING],
+    )
+    return (waiting if only is None else waiting.filter(batch_id=only)).exists()
+
+
 def batch_states(batch_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, BatchState]:
     drain = timedelta(seconds=settings.BATCH_CANCEL_DRAIN_TIMEOUT_SECONDS)
     rows = (

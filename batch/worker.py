@@ -217,8 +217,8 @@ class Worker:
         return not self.runners and not found and await self._idle_exit()
 
     async def _idle_exit(self) -> bool:
-        if self.config.exit_when_idle:
-            return True
+        if self.config.exit_when_idle:  # idle: nothing runnable, and no retry waiting out its backoff
+            return not await call_db(selectors.retries_waiting, only=self.config.only_batch)
         if self.config.only_batch is None:
             return False
         states = await call_db(selectors.batch_states, [self.config.only_batch])

@@ -28,10 +28,6 @@ def step(batch: BatchJob, the_step: Step, worker_id: str = "w") -> services.Step
 
 
 @pytest.mark.django_db
-@pytest.mark.xfail(
-    strict=True,
-    reason="a retried step (lost reply) re-applies a retry outcome when the first step's fetch re-took the item",
-)
 def test_a_retried_step_does_not_count_a_retry_twice_when_its_fetch_took_the_item_back(
     submit: Callable[..., BatchJob],
 ) -> None:
@@ -44,7 +40,8 @@ def test_a_retried_step_does_not_count_a_retry_twice_when_its_fetch_took_the_ite
     (held,) = step(batch, Step(fetch=1)).fetched
     same = Step(
         started=[Start(held.id)],
-        outcomes=[Outcome(held.id, ItemStatus.PENDING, error="ConnectionError: reset", retry_in=0.0)],
+        # The runner stamps every outcome with the attempt it ran (`Outcome.attempt`).
+        outcomes=[Outcome(held.id, ItemStatus.PENDING, error="ConnectionError: reset", retry_in=0.0, attempt=1)],
         fetch=1,
     )
     first = step(batch, same)  # committed; its reply is lost
@@ -82,10 +79,6 @@ async def block_or_flaky(params: dict[str, Any], ctx: ItemContext) -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.xfail(
-    strict=True,
-    reason="a run that found only waiting retries stops fetching; the due retry waits for the run's slowest item",
-)
 async def test_a_due_retry_starts_while_another_item_of_the_batch_still_runs_on_the_only_worker() -> None:
     """README (Automatic retries): 'the dispatch loop takes a batch up again only once one of its
     pending items may start — so the wait costs a poll interval at most'. With one worker, item 0
@@ -135,10 +128,6 @@ async def _wait_finished(batch: BatchJob) -> BatchJob:
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.xfail(
-    strict=True,
-    reason="runbatch --exit-when-idle exits while a retry waits out its backoff, leaving the batch unfinished",
-)
 async def test_exit_when_idle_does_not_exit_while_a_retry_waits_its_backoff() -> None:
     """`--exit-when-idle`: 'exit once no batch has work left'. Item 0 of `cluster.flaky` fails its
     first attempt and waits 1 s (FixedRetry). The run ends (nothing startable), and
@@ -173,10 +162,6 @@ class KeywordOnlyError(ConnectionError):
         self.code = code
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a sync handler's exception that cannot be rebuilt comes back as HandlerError: Retry(on=...) misses it",
-)
 def test_a_process_handlers_exception_that_cannot_be_rebuilt_still_matches_its_retry_policy() -> None:
     """The child sends the pickled exception; when it cannot be rebuilt (`_error_reply` tries),
     the parent raises `HandlerError(type_name, message)`, which is no `ConnectionError`: a handler

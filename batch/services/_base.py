@@ -117,6 +117,9 @@ class Outcome:
     error: str = ""
     finished_at: datetime = field(default_factory=partial(datetime.now, UTC))
     retry_in: float | None = None
+    # The attempt this is the outcome of (None: not known): a retried step cannot apply it to a
+    # later attempt of the same item.
+    attempt: int | None = None
 
 
 @dataclass

@@ -145,7 +145,8 @@ def _ids(ids: Sequence[int]) -> tuple[str, list[Any]]:
 def _outcome_row(o: Outcome, started_at: datetime | None) -> tuple[Any, ...]:
     began = None if started_at is None else _db_time(started_at)
     finished, retry_in, at = _db_time(o.finished_at), o.retry_in, o.finished_at.isoformat()
-    return (o.item_id, str(o.status), _json(o.result), o.error, finished, began is not None, began, retry_in, at)
+    row = (o.item_id, str(o.status), _json(o.result), o.error, finished, began is not None, began, retry_in, at)
+    return (*row, o.attempt)
 
 
 def _errors_sql() -> str:
@@ -213,7 +214,7 @@ def _complete(
     held to finished in one write (its start counted), the usual case for short items."""
     by_id = {outcome.item_id: outcome for outcome in outcomes}
     written: list[tuple[int, str, bool]] = []
-    types = ["bigint", "text", "jsonb", "text", "timestamptz", "boolean", "timestamptz", "float8", "text"]
+    types = ["bigint", "text", "jsonb", "text", "timestamptz", "boolean", "timestamptz", "float8", "text", "integer"]
     for chunk in chunks(by_id.values(), CHUNK_SIZE):
         values = [_outcome_row(o, started.get(o.item_id)) for o in chunk]
         rows, params = _rows(types, values)
@@ -228,7 +229,8 @@ def _complete(
                 " started_at = CASE WHEN v.c8 IS NOT NULL THEN NULL WHEN v.c6 THEN v.c7 ELSE started_at END,"
                 f" lease_owner = '', lease_expires_at = NULL FROM {rows} WHERE {by_id_sql} AND batch_job_item.id = v.c1"
                 " AND (batch_job_item.lease_owner = %s"
-                " AND batch_job_item.status = CASE WHEN v.c6 THEN 'pending' ELSE 'running' END) IS TRUE"
+                " AND batch_job_item.status = CASE WHEN v.c6 THEN 'pending' ELSE 'running' END"
+                " AND (v.c10 IS NULL OR batch_job_item.attempts + CASE WHEN v.c6 THEN 1 ELSE 0 END = v.c10)) IS TRUE"
                 " RETURNING batch_job_item.id, batch_job_item.status",
                 [*params, *id_params, worker_id],
             )
