@@ -22,7 +22,9 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import threading
 import time
+from collections.abc import Callable
 
 import requests
 from django.conf import settings
@@ -52,7 +54,7 @@ def signature(body: bytes, secret: str) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def post(url: str, body: bytes, *, delivery_id: int) -> Attempt:
+def post(url: str, body: bytes, delivery_id: int) -> Attempt:
     """One POST, blocking (run it in a thread); never raises for what the network does."""
     headers = {
         "Content-Type": "application/json",
@@ -86,6 +88,38 @@ def _attempt(response: requests.Response) -> Attempt:
         where = response.headers.get("Location", "")[:200]
         return Attempt(status_code=code, error=f"HTTP {code}: redirects are not followed (Location: {where})")
     return Attempt(status_code=code, error=f"HTTP {code} {response.reason or ''}".strip())
+
+
+async def _in_daemon_thread(
+    send: Callable[[str, bytes, int], Attempt], url: str, body: bytes, delivery_id: int
+) -> Attempt:
+    """`send` in a thread of its own, a daemon: `requests` has no total timeout (a receiver that
+    drips its answer, a DNS lookup that hangs), and a thread of the loop's default executor would
+    be joined when the worker exits (`asyncio.run`), so a stuck POST would hold the shutdown up.
+    The attempt counts as failed after TOTAL_TIMEOUT; the thread ends with its socket."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Attempt] = loop.create_future()
+
+    def settle(outcome: Attempt | None, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(outcome)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            outcome = send(url, body, delivery_id)
+        except BaseException as exc:  # reported on the loop
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(settle, None, exc)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, outcome, None)
+
+    threading.Thread(target=run, name=f"webhook-{delivery_id}", daemon=True).start()
+    return await done
 
 
 class CallbackSender:
@@ -156,9 +190,7 @@ class CallbackSender:
                 status_code=None, error="The host is not in BATCH_CALLBACK_ALLOWED_HOSTS; not sent.", retry=False
             )
         try:
-            return await asyncio.wait_for(
-                asyncio.to_thread(post, row.url, row.body.encode(), delivery_id=row.id), TOTAL_TIMEOUT
-            )
+            return await asyncio.wait_for(_in_daemon_thread(post, row.url, row.body.encode(), row.id), TOTAL_TIMEOUT)
         except TimeoutError:
             return Attempt(status_code=None, error=f"No complete response within {TOTAL_TIMEOUT:g} s.")
 

@@ -173,7 +173,9 @@ class Worker:
                 runner.cancel()
             if state is not None and kind in ("cancel", "resize", "permits", "pause", "resume"):
                 state.resync = True
-        if kind in ("completed", ""):  # a batch ended (maybe with a webhook to send), or we reconnected
+        # A batch may have ended (with a webhook to send): a step, a cancel, a release or a
+        # recovery ends batches; "" is a reconnect.
+        if kind in ("completed", "cancel", "released", "recovered", ""):
             self.callbacks.wake()
         self.wake()
 

@@ -82,10 +82,6 @@ def drip(settings: Any) -> Iterator[DripServer]:
     server.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a POST thread that outlives TOTAL_TIMEOUT (slow receiver) keeps asyncio.run from returning at shutdown",
-)
 def test_a_worker_process_exits_even_if_a_webhook_receiver_never_finishes_its_answer(
     drip: DripServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
