@@ -236,7 +236,8 @@ class BatchCallback(models.Model):
     by a worker. `body` is the JSON exactly as sent and signed."""
 
     id = models.BigAutoField(primary_key=True)
-    batch = models.ForeignKey(BatchJob, on_delete=models.CASCADE, related_name="callbacks")
+    # No index of its own: the unique constraint on `batch` is one.
+    batch = models.ForeignKey(BatchJob, on_delete=models.CASCADE, related_name="callbacks", db_index=False)
     url = models.URLField(max_length=2000)
     body = models.TextField()
     status = models.CharField(max_length=16, choices=CallbackStatus.choices, default=CallbackStatus.PENDING)
