@@ -281,7 +281,9 @@ def cluster(start_worker: Callable[..., Any], tmp_path: Path) -> Iterator[Cluste
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("handler", ["cluster.flaky", "cluster.flaky_sync"])
-def test_a_real_worker_retries_after_the_backoff_and_the_batch_succeeds(cluster: Cluster, handler: str) -> None:
+def test_a_real_worker_retries_after_the_backoff_and_the_batch_succeeds(
+    cluster: Cluster, handler: str, record_property: Callable[[str, object], None]
+) -> None:
     batch = services.submit_batch(
         handler=handler,
         items=[{"fail_attempts": 2}, {"fail_attempts": 0}, {"fail_attempts": 1}, {"error": "value"}],
@@ -299,12 +301,15 @@ def test_a_real_worker_retries_after_the_backoff_and_the_batch_succeeds(cluster:
     starts = {(e.index, e.attempt): e.at for e in cluster.events() if e.kind == "start"}
     for index, attempt in [(0, 2), (0, 3), (2, 2)]:
         waited = starts[index, attempt] - ends[index, attempt - 1]
+        record_property(f"item{index}_attempt{attempt}_waited_s", round(waited, 3))
         assert waited >= 0.5 - 0.05, f"item {index} attempt {attempt} started {waited:.3f} s after the failure"
 
 
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-def test_a_waiting_retry_holds_no_slot_other_items_run_at_the_cap_meanwhile(cluster: Cluster) -> None:
+def test_a_waiting_retry_holds_no_slot_other_items_run_at_the_cap_meanwhile(
+    cluster: Cluster, record_property: Callable[[str, object], None]
+) -> None:
     items = [{"fail_attempts": 1, "seconds": 0.05}] + [{"fail_attempts": 0, "seconds": 0.2}] * 14
     batch = services.submit_batch(handler="cluster.flaky", items=items, max_parallel=2).batch
     cluster.start("w1", CLUSTER_RETRY_DELAY="1.2")
@@ -323,6 +328,8 @@ def test_a_waiting_retry_holds_no_slot_other_items_run_at_the_cap_meanwhile(clus
     for event in during:
         running += 1 if event.kind == "start" else -1
         peak = max(peak, running)
+    record_property("waited_s", round(retried_at - failed_at, 3))
+    record_property("peak_running_while_it_waited", peak)
     assert peak == 2, "while item 0 waited, two other items ran: it held no slot"
 
 

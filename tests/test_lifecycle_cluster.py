@@ -66,7 +66,9 @@ def test_pause_stops_new_starts_on_every_worker_and_resume_runs_the_rest(cluster
     assert {w for w, _ in after} == {"w1", "w2"}, f"both workers took the rest up: {after}\n{cluster.logs()}"
 
 
-def test_a_failure_threshold_of_one_stops_within_one_item(cluster: Cluster, api_client: Any) -> None:
+def test_a_failure_threshold_of_one_stops_within_one_item(
+    cluster: Cluster, api_client: Any, record_property: Callable[[str, object], None]
+) -> None:
     items = [{"seconds": 0.05, "fail_attempts": 1 if i == 3 else 0, "error": "value"} for i in range(40)]
     batch = submitted(api_client, "cluster.flaky", items, max_parallel=1, max_failures=1)
     cluster.start("w1")
@@ -75,19 +77,23 @@ def test_a_failure_threshold_of_one_stops_within_one_item(cluster: Cluster, api_
     events = [e for e in cluster.events() if e.batch_id == str(batch.pk)]
     failed_at = next(e.at for e in events if e.kind == "end" and e.index == 3)
     after = sorted(e.index for e in events if e.kind == "start" and e.at > failed_at)
+    record_property("starts_after_the_failure", len(after))
     assert len(after) <= 1, f"items started after the failure: {after}"
     # The one that may start meanwhile sees the cancel (it sleeps cooperatively) or finishes.
     assert done.succeeded_items in (3, 3 + len(after))
     assert done.succeeded_items + done.cancelled_items == 39
 
 
-def test_a_deadline_fires_within_a_poll_of_its_time(cluster: Cluster, api_client: Any) -> None:
+def test_a_deadline_fires_within_a_poll_of_its_time(
+    cluster: Cluster, api_client: Any, record_property: Callable[[str, object], None]
+) -> None:
     items = [{"seconds": 30}] * 6
     batch = submitted(api_client, "cluster.sleep", items, max_parallel=2, deadline_seconds=1)
     cluster.start("w1")
     done = cluster.wait_batch(batch, ("cancelled",), timeout=30)
     assert done.status_reason == "deadline" and done.started_at and done.cancel_requested_at
     late = (done.cancel_requested_at - done.started_at).total_seconds() - 1
+    record_property("deadline_fired_late_s", round(late, 3))
     # Both times are the database's; a worker checks the deadline every poll (0.1 s here).
     assert 0 <= late < 1.0, f"the deadline fired {late:.3f} s after its time"
     assert done.cancelled_items == 6 and done.succeeded_items == 0
