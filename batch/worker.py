@@ -19,16 +19,17 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from django.conf import settings
 
-from batch import metrics, selectors, services
+from batch import metrics, permit_sync, selectors, services
 from batch.callbacks_delivery import CallbackSender
 from batch.handlers import HandlerSpec, UnknownHandler, get_handler
 from batch.models import TERMINAL_BATCH_STATUSES, BatchStatus, StatusReason
 from batch.notify import listen_for_control
+from batch.permit_sync import PermitState
 from batch.runner import BatchRunner
 from batch.slots import WorkerSlots
 from batch.store import DatabaseStore, call_db
@@ -41,18 +42,6 @@ UNREGISTER_TIMEOUT = 5.0
 # Without a renewal for this share of the lease, a worker stops its items itself: by the time
 # the lease expires (by the database's clock) and another worker may take them, they are stopped.
 LOST_LEASE_SHARE = 0.8
-
-
-@dataclass
-class PermitState:
-    """What a worker knows of its permits of one batch."""
-
-    allowed: int = 0
-    permits: int = 0
-    effective_parallel: int = 0
-    synced_at: float = field(default_factory=time.monotonic)
-    resync: bool = False  # a notification or a change asks for a sync at the next watch tick
-    paused: bool = False  # the batch is paused: it wants no permits (it would get none)
 
 
 @dataclass(frozen=True)
@@ -340,46 +329,11 @@ class Worker:
         await self._sync_permits([batch_id for batch_id in asked if self._sync_due(batch_id)])
 
     def _sync_due(self, batch_id: uuid.UUID) -> bool:
-        """Sync a batch's permits on a change or notification, while waiting for permits or
-        owing some back, and at least once per heartbeat (which renews their lease)."""
         runner, state = self.runners.get(batch_id), self.permits.get(batch_id)
-        if runner is None or state is None:
-            return False
-        waiting = runner.wants_more and state.allowed < self._demand(runner, state)
-        owing = state.permits > max(state.allowed, len(runner.running_item_ids))
-        stale = time.monotonic() - state.synced_at >= self.config.heartbeat_seconds
-        return state.resync or waiting or owing or stale
-
-    def _demand(self, runner: BatchRunner, state: PermitState) -> int:
-        """Permits a batch could use here: its cap, within this worker's share of its slots."""
-        if not runner.wants_more or state.paused:
-            return 0
-        wanting = sum(1 for s in self.permits.values() if not s.paused)  # a paused batch takes no share
-        share = max(1, -(-self.config.concurrency // max(wanting, 1)))
-        return min(state.effective_parallel or self.config.concurrency, share)
+        return runner is not None and state is not None and permit_sync.due(self.config, self.permits, runner, state)
 
     async def _sync_permits(self, batch_ids: list[uuid.UUID]) -> None:
-        requests = [
-            services.PermitRequest(batch_id, holding=runner.holding, demand=self._demand(runner, state))
-            for batch_id in batch_ids
-            if (runner := self.runners.get(batch_id)) is not None and (state := self.permits.get(batch_id)) is not None
-        ]
-        if not requests:
-            return
-        sent = time.monotonic()
-        grants = await call_db(
-            services.sync_permits,
-            worker_id=self.config.worker_id,
-            lease_seconds=self.config.lease_seconds,
-            requests=requests,
-        )
-        metrics.observe_permit_sync(time.monotonic() - sent)
-        for batch_id, grant in grants.items():
-            runner, state = self.runners.get(batch_id), self.permits.get(batch_id)
-            if runner is None or state is None:
-                continue
-            state.allowed, state.permits, state.synced_at, state.resync = grant.allowed, grant.permits, sent, False
-            runner.resize(grant.allowed)
+        await permit_sync.sync(self.config, self.permits, self.runners, batch_ids)
 
     async def _lease_guard_loop(self) -> None:
         """Renewals have failed for most of a lease (the database is unreachable): stop every
