@@ -95,6 +95,11 @@ def streaming_response(request: HttpRequest, batch: BatchJob, fmt: str) -> Strea
     return response
 
 
+def stream(batch: BatchJob, fmt: str) -> Iterator[bytes]:
+    """The export of `batch` as chunks of bytes, read as they are needed (`manage.py exportbatch`)."""
+    return _sync_stream(batch, plan(batch, fmt))
+
+
 # --- streaming -----------------------------------------------------------------------------
 
 

@@ -131,3 +131,49 @@ def test_cancelbatch_cancels_and_rejects_finished_or_unknown(submit: Any, capsys
         call_command("cancelbatch", str(batch.id))
     with pytest.raises(CommandError, match="No batch"):
         call_command("cancelbatch", "00000000-0000-0000-0000-000000000000")
+
+
+def _finished_with_failures(submit: Callable[..., BatchJob]) -> BatchJob:
+    batch = submit("demo.noop", [{"n": i} for i in range(4)], max_parallel=4)
+    held = services.claim_items(batch_id=batch.pk, worker_id="w", limit=4, lease_seconds=30)
+    outcomes = [
+        services.Outcome(c.id, ItemStatus.FAILED if c.index % 2 else ItemStatus.SUCCEEDED, error="boom") for c in held
+    ]
+    return services.complete_items(batch_id=batch.pk, worker_id="w", outcomes=outcomes)
+
+
+@pytest.mark.django_db
+def test_exportbatch_writes_the_export_to_stdout_or_a_file(
+    submit: Callable[..., BatchJob], capsysbinary: Any, tmp_path: Path
+) -> None:
+    batch = _finished_with_failures(submit)
+    call_command("exportbatch", str(batch.pk))
+    lines = [json.loads(line) for line in capsysbinary.readouterr().out.splitlines()]
+    assert [(row["index"], row["status"], row["params"]) for row in lines] == [
+        (0, "succeeded", {"n": 0}),
+        (1, "failed", {"n": 1}),
+        (2, "succeeded", {"n": 2}),
+        (3, "failed", {"n": 3}),
+    ]
+    out = tmp_path / "b.csv"
+    call_command("exportbatch", str(batch.pk), "--as", "csv", "--output", str(out))
+    rows = out.read_text().splitlines()
+    assert rows[0].startswith("index,status,attempts,params.n") and len(rows) == 5
+    with pytest.raises(CommandError, match="No batch"):
+        call_command("exportbatch", "00000000-0000-0000-0000-000000000000")
+
+
+@pytest.mark.django_db
+def test_retrybatch_runs_the_failed_items_again_and_refuses_what_it_cannot(
+    submit: Callable[..., BatchJob], capsys: Any
+) -> None:
+    batch = _finished_with_failures(submit)
+    call_command("retrybatch", str(batch.pk))
+    new_id, status, total, _ = capsys.readouterr().out.split()
+    retry = BatchJob.objects.get(pk=new_id)
+    assert (status, total, retry.retry_of_id) == ("pending", "2", batch.pk)
+    assert sorted(BatchJobItem.objects.filter(batch=retry).values_list("source_index", flat=True)) == [1, 3]
+    with pytest.raises(CommandError, match="has not finished"):
+        call_command("retrybatch", new_id)
+    with pytest.raises(CommandError, match="has no items of those statuses"):
+        call_command("retrybatch", str(batch.pk), "--include", "cancelled")
