@@ -4,7 +4,9 @@ and how handler errors render. Each refusal is a problem body naming the field, 
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -74,3 +76,159 @@ def test_bad_stop_rule_or_callback_url_is_400_naming_the_field(api_client: Any, 
     body = assert_problem(post_submit(api_client, **{field: value}), 400)
     assert list(body["errors"]) == [field]
     assert not BatchJob.objects.exists()
+
+
+# --- export: HEAD does not run the export ------------------------------------------------------
+
+
+async def asgi_request(method: str, path: str, query: str, token: str) -> tuple[int, dict[str, str], bytes]:
+    """One request through Django's own ASGI handler (the test clients drop a HEAD's body themselves)."""
+    from django.core.handlers.asgi import ASGIHandler
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": [(b"host", b"testserver"), (b"authorization", f"Token {token}".encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
+    received = [{"type": "http.request", "body": b"", "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if received:
+            return received.pop()
+        await asyncio.sleep(3600)  # never disconnects
+        raise AssertionError
+
+    async def send(message: Mapping[str, Any]) -> None:
+        sent.append(dict(message))
+
+    await asyncio.wait_for(ASGIHandler()(scope, receive, send), timeout=30)
+    start = next(message for message in sent if message["type"] == "http.response.start")
+    headers = {name.decode().lower(): value.decode() for name, value in start["headers"]}
+    body = b"".join(message.get("body", b"") for message in sent if message["type"] == "http.response.body")
+    return start["status"], headers, body
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+async def test_head_of_an_export_reads_no_item_and_sends_no_body(
+    user: Any, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    from asgiref.sync import sync_to_async
+    from rest_framework.authtoken.models import Token
+
+    from batch import selectors
+    from batch.api import concurrency
+
+    submitted = await sync_to_async(services.submit_batch)(
+        handler="demo.noop", items=[{"i": i} for i in range(30)], created_by=user
+    )
+    token = (await sync_to_async(Token.objects.get_or_create)(user=user))[0].key
+    reads: list[str] = []
+    real_chunk, real_keys = selectors.export_chunk, selectors.json_keys
+
+    def recorded(name: str, real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            reads.append(name)
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(selectors, "export_chunk", recorded("chunk", real_chunk))
+    monkeypatch.setattr(selectors, "json_keys", recorded("keys", real_keys))
+    path = f"/api/batches/{submitted.batch.pk}/export/"
+
+    status, headers, body = await asgi_request("HEAD", path, f"as={fmt}", token)
+    assert (status, body, reads) == (200, b"", [])
+    assert headers["content-disposition"] == f'attachment; filename="batch-{submitted.batch.pk}.{fmt}"'
+    assert headers["x-content-type-options"] == "nosniff"
+
+    status, headers, body = await asgi_request("GET", path, f"as={fmt}", token)
+    assert status == 200 and len(body.splitlines()) == 30 + (fmt == "csv") and "chunk" in reads
+    assert concurrency.exports.held(user) == 0  # both responses closed: their slots are free
+
+
+# --- export: a bound on one user's concurrent exports -------------------------------------------
+
+
+def export_url(batch: BatchJob, fmt: str = "jsonl") -> str:
+    return f"/api/batches/{batch.pk}/export/?as={fmt}"
+
+
+def close(response: Any) -> None:
+    """What the server does when a client goes away mid-download (not closing the test's connection)."""
+    from django.core.signals import request_finished
+    from django.db import close_old_connections
+
+    request_finished.disconnect(close_old_connections)
+    try:
+        response.close()
+    finally:
+        request_finished.connect(close_old_connections)
+
+
+def test_concurrent_exports_of_one_user_are_bounded_until_each_stream_ends(
+    api_client: Any, client_for: Any, make_user: Any, user: Any, submit: Any, settings: Any
+) -> None:
+    from batch.api import concurrency
+
+    settings.BATCH_MAX_CONCURRENT_EXPORTS_PER_USER = 2
+    batch = submit("demo.noop", [{"i": i} for i in range(5)], created_by=user)
+    first, second = api_client.get(export_url(batch)), api_client.get(export_url(batch, "csv"))
+    assert (first.status_code, second.status_code) == (200, 200)  # streaming, not read yet
+
+    refused = api_client.get(export_url(batch))
+    body = assert_problem(refused, 429)
+    assert refused["Retry-After"] == "5" and "exports" in body["detail"]
+    bob = make_user("bob")
+    assert client_for(bob).get(export_url(submit("demo.noop", [{}], created_by=bob))).status_code == 200
+    assert_problem(client_for(bob).get(export_url(batch)), 404)  # others' batches stay hidden
+
+    assert len(b"".join(first.streaming_content).splitlines()) == 5  # read to the end: its slot is free
+    third = api_client.get(export_url(batch))
+    assert third.status_code == 200
+    close(second)  # a client that went away
+    assert concurrency.exports.held(user) == 1
+    close(third)
+    assert concurrency.exports.held(user) == 0
+
+
+def test_a_refused_or_invisible_export_holds_no_slot(api_client: Any, make_user: Any, submit: Any, user: Any) -> None:
+    from batch.api import concurrency
+
+    batch = submit("demo.noop", [{}], created_by=user)
+    assert_problem(api_client.get(export_url(batch, "xlsx")), 400)
+    assert_problem(api_client.get(export_url(submit("demo.noop", [{}], created_by=make_user("bob")))), 404)
+    head = api_client.head(export_url(batch))
+    assert head.status_code == 200 and head["Content-Type"] == "application/x-ndjson"
+    assert concurrency.exports.held(user) == 0
+
+
+def test_admin_download_past_the_bound_is_a_message(make_user: Any, submit: Any, settings: Any) -> None:
+    from django.test import Client
+
+    from tests.conftest import grant
+
+    settings.BATCH_MAX_CONCURRENT_EXPORTS_PER_USER = 1
+    staff = make_user("viewer", is_staff=True)
+    grant(staff, "view_batchjob")
+    client = Client()
+    client.force_login(staff)
+    batch = submit("demo.noop", [{}], created_by=staff)
+    form = {"action": "download_results", "_selected_action": [str(batch.pk)]}
+    first = client.post("/admin/batch/batchjob/", form)
+    assert first.status_code == 200 and first.streaming
+    refused = client.post("/admin/batch/batchjob/", form, follow=True)
+    assert not refused.streaming
+    assert "At most 1 exports of one user at once" in refused.content.decode()
+    close(first)
+    assert client.post("/admin/batch/batchjob/", form).streaming
