@@ -5,7 +5,13 @@ and how handler errors render. Each refusal is a problem body naming the field, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
+import socket
+import struct
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -232,3 +238,99 @@ def test_admin_download_past_the_bound_is_a_message(make_user: Any, submit: Any,
     assert "At most 1 exports of one user at once" in refused.content.decode()
     close(first)
     assert client.post("/admin/batch/batchjob/", form).streaming
+
+
+# --- webhook delivery: one attempt is over within its total timeout, whatever the server does ---
+
+
+class TricklingServer:
+    """Accepts one request, then answers one byte every `gap` seconds for `seconds` (each byte in
+    time for any per-read timeout), or a huge body at full speed."""
+
+    def __init__(self, mode: str, *, gap: float = 0.1, seconds: float = 8.0) -> None:
+        self.mode, self.gap, self.seconds = mode, gap, seconds
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.received = b""
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn, contextlib.suppress(OSError):
+            self.received = self._request(conn)
+            if self.mode == "big":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n")
+                for _ in range(15000):  # 1 GB unless the client stops reading
+                    conn.sendall(b"x" * 65536)
+                return
+            if self.mode == "reset":  # promises 1000 bytes, sends 10, resets the connection
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+                time.sleep(0.2)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
+            conn.sendall(b"HTTP/1.1 200 OK\r\n" if self.mode == "body" else b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            if self.mode == "body":
+                conn.sendall(b"Content-Length: 1000000\r\n\r\n")
+            deadline = time.monotonic() + self.seconds
+            while time.monotonic() < deadline:
+                conn.sendall(b"x")
+                time.sleep(self.gap)
+
+    @staticmethod
+    def _request(conn: socket.socket) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        while len(body) < length:
+            body += conn.recv(65536)
+        return head + b"\r\n\r\n" + body
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(15)
+
+
+@pytest.mark.parametrize("mode", ["headers", "body"])
+def test_a_trickling_receiver_cannot_hold_a_delivery_thread_past_the_total_timeout(
+    monkeypatch: pytest.MonkeyPatch, settings: Any, mode: str
+) -> None:
+    from batch import callbacks_delivery
+
+    monkeypatch.setattr(callbacks_delivery, "READ_TIMEOUT", 0.5)
+    monkeypatch.setattr(callbacks_delivery, "TOTAL_TIMEOUT", 1.0)
+    settings.BATCH_CALLBACK_SECRET = "s3cret"
+    server = TricklingServer(mode)
+    started = time.monotonic()
+    attempt = callbacks_delivery.post(f"http://127.0.0.1:{server.port}/hook?a=1", b'{"id":1}', delivery_id=7)
+    elapsed = time.monotonic() - started
+    server.close()
+    assert elapsed < 3.0  # the server would trickle for 8 s
+    assert not attempt.delivered and "1 s" in attempt.error
+    request_head, _, sent_body = server.received.partition(b"\r\n\r\n")
+    assert request_head.startswith(b"POST /hook?a=1 HTTP/1.1\r\n")
+    assert sent_body == b'{"id":1}'  # the body is sent exactly as signed
+    assert callbacks_delivery.signature(b'{"id":1}', "s3cret").encode() in request_head
+
+
+def test_a_huge_response_body_is_not_read_past_the_bound() -> None:
+    from batch import callbacks_delivery
+
+    server = TricklingServer("big")
+    started = time.monotonic()
+    attempt = callbacks_delivery.post(f"http://127.0.0.1:{server.port}/", b"{}", delivery_id=1)
+    server.close()
+    assert attempt.delivered and time.monotonic() - started < 5.0
+
+
+def test_a_connection_reset_mid_body_is_a_failed_attempt_not_an_exception() -> None:
+    """requests raised urllib3's ProtocolError out of `post` here, which no caller records: the
+    delivery was sent again at every lease expiry, its attempts never counted, never given up."""
+    from batch import callbacks_delivery
+
+    server = TricklingServer("reset")
+    attempt = callbacks_delivery.post(f"http://127.0.0.1:{server.port}/", b"{}", delivery_id=1)
+    server.close()
+    assert not attempt.delivered and attempt.status_code is None and "ConnectionResetError" in attempt.error
