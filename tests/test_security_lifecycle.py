@@ -334,3 +334,64 @@ def test_a_connection_reset_mid_body_is_a_failed_attempt_not_an_exception() -> N
     attempt = callbacks_delivery.post(f"http://127.0.0.1:{server.port}/", b"{}", delivery_id=1)
     server.close()
     assert not attempt.delivered and attempt.status_code is None and "ConnectionResetError" in attempt.error
+
+
+# --- handler error text, batch names and webhook errors render as text in the admin ------------
+
+XSS = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+
+
+def test_error_texts_render_escaped_in_the_admin(admin_client: Any, submit: Any) -> None:
+    from django.utils import timezone
+
+    from batch.models import BatchCallback, BatchJobItem
+
+    batch = submit("demo.noop", [{XSS: XSS}], name=XSS)
+    item = BatchJobItem.objects.get(batch=batch)
+    BatchJobItem.objects.filter(pk=item.pk).update(
+        error=f"ValueError: {XSS}", errors=[{"attempt": 1, "error": f"ValueError: {XSS}", "at": "now"}]
+    )
+    now = timezone.now()
+    BatchCallback.objects.create(
+        batch=batch, url="http://h/", body="{}", created_at=now, next_attempt_at=now, last_error=f"HTTP 302 ({XSS})"
+    )
+    pages = [
+        "/admin/batch/batchjobitem/",
+        f"/admin/batch/batchjobitem/{item.pk}/change/",
+        f"/admin/batch/batchjob/{batch.pk}/change/",
+        "/admin/batch/batchjob/",
+        "/admin/batch/batchcallback/",
+        "/admin/batch/dashboard/",
+        f"/admin/batch/dashboard/{batch.pk}/",
+    ]
+    for page in pages:
+        response = admin_client.get(page)
+        assert response.status_code == 200, page
+        html = response.content.decode()
+        assert "<script>alert" not in html and "<img src=x" not in html, page
+        if "/dashboard/" not in page:  # the dashboards get their data over the WebSocket, shown with textContent
+            assert "&lt;script&gt;" in html or "\\u003Cscript" in html, page
+
+
+# --- CSV: no cell a spreadsheet would run, header or body -------------------------------------
+
+
+def test_csv_cells_that_look_like_formulas_are_neutralised_in_keys_values_and_errors(
+    api_client: Any, user: Any, submit: Any
+) -> None:
+    import csv
+    import io
+
+    from batch.export import FORMULA_STARTS
+    from tests.test_export import body, get_export, run_all
+
+    formulas = ["=1+1", "+1", "-A1", "@SUM(A1)", "\tx", "\rx", '=HYPERLINK("http://evil/")']
+    items = [{formula: formula, "k" * 300 + formula: formula} for formula in formulas]  # the long key overflows
+    batch = submit("demo.noop", items, created_by=user)
+    batch = run_all(batch, lambda i: ("failed", formulas[i], formulas[i]))  # a list-less, non-object result
+    rows = list(csv.reader(io.StringIO(body(get_export(api_client, batch, "csv")).decode(), newline="")))
+    header, cells = rows[0], [cell for row in rows[1:] for cell in row]
+    assert header[:3] == ["index", "status", "attempts"] and header[-1] == "error"
+    assert not [name for name in header if name.startswith(FORMULA_STARTS)]
+    assert not [cell for cell in cells if cell.startswith(FORMULA_STARTS)]
+    assert '\'=HYPERLINK("http://evil/")' in cells  # kept, behind a quote
