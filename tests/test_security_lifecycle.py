@@ -395,3 +395,69 @@ def test_csv_cells_that_look_like_formulas_are_neutralised_in_keys_values_and_er
     assert not [name for name in header if name.startswith(FORMULA_STARTS)]
     assert not [cell for cell in cells if cell.startswith(FORMULA_STARTS)]
     assert '\'=HYPERLINK("http://evil/")' in cells  # kept, behind a quote
+
+
+# --- callback_url: what may be called (the check and the sender parse the URL alike) -----------
+
+ALLOWED = ["hooks.example.com", "10.0.0.5:9000", "[::1]:9000"]
+REFUSED_URLS = [
+    "http://hooks.example.com./x",  # trailing dot: another name to the check
+    "http://hooks.example.com@evil.com/",
+    "http://evil.com@hooks.example.com/",
+    "http://evil.com\\@hooks.example.com/",
+    "http://hooks.example.com\\@evil.com/",
+    "http://hooks.example.com\\.evil.com/",
+    "http://hooks.example.com%2eevil.com/",
+    "http://hooks%2eexample.com/",
+    "http://hooks.example.com:80@evil/",
+    "http://[::1]:9000@evil/",
+    "http://hooks.exam\u0440le.com/",  # Cyrillic er
+    "http://hooks.example.com\u3002evil.com/",
+    "http://hooks.example.com\uff0fevil.com/",
+    "http://167772165:9000/",  # 10.0.0.5 as a decimal, octal, hex, short form
+    "http://012.0.0.05:9000/",
+    "http://0x0a000005:9000/",
+    "http://10.5:9000/",
+    "http://[0:0:0:0:0:0:0:1]:9000/",
+    "http://[::ffff:10.0.0.5]:9000/",
+    "http://10.0.0.5:9001/",
+    "http://hooks.example.com:+80/",
+    "http://hooks.example.com:65536/",
+    "http://hooks.example.com:-1/",
+    "gopher://hooks.example.com/",
+    "file://hooks.example.com/etc/passwd",
+    "http:/hooks.example.com/",
+    "//hooks.example.com/",
+    "http://hooks.example.com\t/",
+    "http://hooks.example.com\u200b/",
+    " http://hooks.example.com/",
+    "http://hooks.example.com/" + "a" * 2000,
+]
+ACCEPTED_URLS = [
+    ("http://hooks.example.com/x", "hooks.example.com"),
+    ("HTTPS://HOOKS.EXAMPLE.COM:443/x", "hooks.example.com"),
+    ("http://hooks.example.com#@evil.com/", "hooks.example.com"),
+    ("http://hooks.example.com?@evil.com/", "hooks.example.com"),
+    ("http://hoo\u212as.example.com/", "hooks.example.com"),  # the Kelvin sign lowercases to k
+    ("http://10.0.0.5:9000/", "10.0.0.5"),
+    ("http://[::1]:9000/", "::1"),
+]
+
+
+@pytest.mark.parametrize("url", REFUSED_URLS)
+def test_callback_urls_that_could_reach_another_host_are_refused(settings: Any, url: str) -> None:
+    from batch.services.callbacks import callback_url_problem
+
+    settings.BATCH_CALLBACK_ALLOWED_HOSTS = ALLOWED
+    assert callback_url_problem(url) is not None
+
+
+@pytest.mark.parametrize(("url", "host"), ACCEPTED_URLS)
+def test_an_accepted_callback_url_is_sent_to_the_allowed_host(settings: Any, url: str, host: str) -> None:
+    from urllib.parse import urlsplit
+
+    from batch.services.callbacks import callback_url_problem
+
+    settings.BATCH_CALLBACK_ALLOWED_HOSTS = ALLOWED
+    assert callback_url_problem(url) is None
+    assert urlsplit(url).hostname == host  # what batch.callbacks_delivery.post connects to
