@@ -21,7 +21,8 @@ class UserSlots:
 
     def __init__(self, what: str) -> None:
         self.what = what
-        self._lock = threading.Lock()
+        # Re-entrant: an export's slot may be released by garbage collection, on any thread, at any point.
+        self._lock = threading.RLock()
         self._held: Counter[Any] = Counter()
 
     @contextlib.contextmanager
@@ -40,7 +41,7 @@ class UserSlots:
             with self._lock:
                 self._held[key] -= 1
                 if self._held[key] <= 0:
-                    del self._held[key]
+                    self._held.pop(key, None)
 
     def take(self, user: Any, *, limit: int, retry_after: float = 1.0) -> Callable[[], None]:
         """Hold a slot past this call (a streamed response's lifetime); returns its release (idempotent)."""
