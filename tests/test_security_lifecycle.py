@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from batch import services
+from batch.handlers import batch_handler
 from batch.models import BatchJob
 from tests.problems import assert_problem
 
@@ -461,3 +462,58 @@ def test_an_accepted_callback_url_is_sent_to_the_allowed_host(settings: Any, url
     settings.BATCH_CALLBACK_ALLOWED_HOSTS = ALLOWED
     assert callback_url_problem(url) is None
     assert urlsplit(url).hostname == host  # what batch.callbacks_delivery.post connects to
+
+
+# --- a handler's exception text cannot break the write of its step -------------------------------
+
+
+@batch_handler("test.bad_message")
+async def bad_message(params: dict[str, Any], ctx: Any) -> dict[str, int]:
+    if params["i"] % 2:
+        raise ValueError("bad \ud800 text \x00 here")
+    return {"i": params["i"]}
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_exception_message_with_a_lone_surrogate_or_nul_fails_only_its_item() -> None:
+    """Such a message made the step's UPDATE raise UnicodeEncodeError (not a DatabaseError, so
+    not isolated) on both databases: every outcome of the step was lost and the run broke."""
+    from asgiref.sync import sync_to_async
+
+    from batch.models import BatchJobItem, BatchStatus, ItemStatus
+    from tests.test_worker import run_worker
+
+    submitted = await sync_to_async(services.submit_batch)(
+        handler="test.bad_message", items=[{"i": i} for i in range(6)], max_attempts=1
+    )
+    await run_worker()
+    batch = await BatchJob.objects.aget(pk=submitted.batch.pk)
+    assert (batch.status, batch.succeeded_items, batch.failed_items) == (BatchStatus.FAILED, 3, 3)
+    failed = await BatchJobItem.objects.aget(batch=batch, index=1)
+    assert failed.status == ItemStatus.FAILED
+    assert failed.error == "ValueError: bad \\ud800 text \\x00 here"
+    assert failed.errors[-1]["error"] == failed.error
+
+
+async def test_an_outcome_the_driver_cannot_encode_fails_alone_and_the_rest_of_the_step_happens() -> None:
+    from batch.models import ItemStatus
+    from batch.services import Outcome, Step, StepResult
+    from tests.test_store import fake_store
+
+    written: list[Outcome] = []
+
+    def write(step: Step) -> StepResult:
+        for outcome in step.outcomes:
+            outcome.error.encode()  # what psycopg and sqlite3 do: UnicodeEncodeError on "\ud800"
+        written.extend(step.outcomes)
+        return StepResult(fetched=[], status="running")
+
+    store = fake_store(write)
+    outcomes = [Outcome(1, ItemStatus.SUCCEEDED), Outcome(2, ItemStatus.FAILED, error="\ud800")]
+    async with asyncio.timeout(10), asyncio.TaskGroup() as group:
+        for outcome in outcomes:
+            group.create_task(store.complete([outcome]))
+        group.create_task(store.refill())
+    by_id = {o.item_id: o for o in written}
+    assert by_id[1].status == ItemStatus.SUCCEEDED
+    assert by_id[2].status == ItemStatus.FAILED and "UnicodeEncodeError" in by_id[2].error
