@@ -23,8 +23,10 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
+from rest_framework.exceptions import Throttled
 
-from batch import export, services
+from batch import services
+from batch.api.export import streamed_export
 from batch.audit import AuditTrailMixin
 from batch.models import BatchCallback, BatchJob, BatchJobItem
 
@@ -214,7 +216,11 @@ class BatchJobAdmin(AuditTrailMixin, ReadOnlyAdmin):
         if len(batches) != 1:
             self.message_user(request, "Select exactly one batch to download its results.", messages.WARNING)
             return None
-        return export.streaming_response(request, batches[0], "csv")
+        try:
+            return streamed_export(request, batches[0], "csv")
+        except Throttled as refused:
+            self.message_user(request, str(refused.detail), messages.ERROR)
+            return None
 
     def has_cancel_permission(self, request: HttpRequest) -> bool:
         return bool(request.user.has_perm("batch.cancel_batchjob"))

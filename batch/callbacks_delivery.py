@@ -10,8 +10,9 @@ the lease ends (at least once overall). The HTTP call runs in a thread, off the 
 A request: `POST <url>` with the stored body, `Content-Type: application/json`,
 `X-Batch-Signature: sha256=<hex HMAC-SHA256 of the body, key BATCH_CALLBACK_SECRET>`,
 `X-Batch-Delivery: <id>`, `X-Batch-Event: batch.finished`; connect timeout 3 s, reads 7 s,
-10 s in all; redirects are never followed (a 3xx is a failed attempt); at most
-`MAX_RESPONSE_BYTES` of the response are read; no proxy or credentials from the environment.
+10 s in all (enforced in the sending thread too); redirects are never followed (a 3xx is a failed
+attempt); at most `MAX_RESPONSE_BYTES` of the response are read; no proxy or credentials from the
+environment (`http.client`, which reads neither).
 The host is checked against BATCH_CALLBACK_ALLOWED_HOSTS again before every attempt.
 """
 
@@ -21,12 +22,15 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import http.client
 import logging
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
+from urllib.parse import quote, urlsplit
 
-import requests
 from django.conf import settings
 
 from batch import metrics
@@ -47,6 +51,7 @@ MAX_IN_FLIGHT = 4  # deliveries one worker sends at once
 MAX_RESPONSE_BYTES = 4096
 SIGNATURE_HEADER = "X-Batch-Signature"
 RETRY_MARGIN = 0.01
+URL_SAFE = "/%:@!$&'()*+,;=~-._"  # kept as written; anything else (non-ASCII) is percent-encoded
 
 
 def signature(body: bytes, secret: str) -> str:
@@ -54,8 +59,10 @@ def signature(body: bytes, secret: str) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def post(url: str, body: bytes, delivery_id: int) -> Attempt:
-    """One POST, blocking (run it in a thread); never raises for what the network does."""
+def post(url: str, body: bytes, *, delivery_id: int) -> Attempt:
+    """One POST, blocking (run it in a thread); never raises for what the network does. It is over
+    within TOTAL_TIMEOUT whatever the server does: a watchdog shuts the socket down then (a
+    per-read timeout alone lets a server that sends a byte every few seconds hold the thread)."""
     headers = {
         "Content-Type": "application/json",
         SIGNATURE_HEADER: signature(body, settings.BATCH_CALLBACK_SECRET),
@@ -63,40 +70,67 @@ def post(url: str, body: bytes, delivery_id: int) -> Attempt:
         "X-Batch-Event": "batch.finished",
         "User-Agent": "batchsite-webhook/1",
     }
-    with requests.Session() as session:
-        session.trust_env = False  # no proxies from the environment, no .netrc credentials
-        try:
-            with session.post(
-                url,
-                data=body,
-                headers=headers,
-                timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
-                allow_redirects=False,
-                stream=True,
-            ) as response:
-                response.raw.read(MAX_RESPONSE_BYTES, decode_content=False)  # bounded; lets the server finish
-                return _attempt(response)
-        except requests.RequestException as exc:
+    parts = urlsplit(url)
+    target = quote(parts.path or "/", safe=URL_SAFE) + (f"?{quote(parts.query, safe=URL_SAFE)}" if parts.query else "")
+    conn = _connection(parts.scheme, parts.hostname or "", parts.port)
+    watchdog = _Watchdog(conn)
+    try:
+        conn.connect()
+        if watchdog.fired or conn.sock is None:  # resolving the name took it all: nothing to shut down
+            raise TimeoutError
+        conn.sock.settimeout(READ_TIMEOUT)
+        conn.request("POST", target, body=body, headers=headers)  # Content-Length: the exact bytes signed
+        response = conn.getresponse()
+        response.read(MAX_RESPONSE_BYTES)  # bounded; the rest is dropped with the connection
+        if not watchdog.fired:  # else what was read may be cut short
+            return _attempt(response.status, response.reason, response.getheader("Location") or "")
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        if not watchdog.fired:
             return Attempt(status_code=None, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        watchdog.cancel()
+        conn.close()
+    return Attempt(status_code=None, error=f"No complete response within {TOTAL_TIMEOUT:g} s.")
 
 
-def _attempt(response: requests.Response) -> Attempt:
-    code = response.status_code
+def _connection(scheme: str, host: str, port: int | None) -> http.client.HTTPConnection:
+    # http.client reads no proxy or .netrc from the environment and follows no redirect.
+    if scheme.lower() == "https":
+        return http.client.HTTPSConnection(host, port, timeout=CONNECT_TIMEOUT, context=ssl.create_default_context())
+    return http.client.HTTPConnection(host, port, timeout=CONNECT_TIMEOUT)
+
+
+class _Watchdog:
+    """Shuts `conn`'s socket down TOTAL_TIMEOUT from now, which ends any read blocked on it."""
+
+    def __init__(self, conn: http.client.HTTPConnection) -> None:
+        self.conn, self.fired = conn, False
+        self.timer = threading.Timer(TOTAL_TIMEOUT, self._fire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        if (sock := self.conn.sock) is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self.timer.cancel()
+
+
+def _attempt(code: int, reason: str, location: str) -> Attempt:
     if 200 <= code < 300:
         return Attempt(status_code=code)
     if 300 <= code < 400:
-        where = response.headers.get("Location", "")[:200]
-        return Attempt(status_code=code, error=f"HTTP {code}: redirects are not followed (Location: {where})")
-    return Attempt(status_code=code, error=f"HTTP {code} {response.reason or ''}".strip())
+        return Attempt(status_code=code, error=f"HTTP {code}: redirects are not followed (Location: {location[:200]})")
+    return Attempt(status_code=code, error=f"HTTP {code} {reason or ''}".strip())
 
 
-async def _in_daemon_thread(
-    send: Callable[[str, bytes, int], Attempt], url: str, body: bytes, delivery_id: int
-) -> Attempt:
-    """`send` in a thread of its own, a daemon: `requests` has no total timeout (a receiver that
-    drips its answer, a DNS lookup that hangs), and a thread of the loop's default executor would
-    be joined when the worker exits (`asyncio.run`), so a stuck POST would hold the shutdown up.
-    The attempt counts as failed after TOTAL_TIMEOUT; the thread ends with its socket."""
+async def _in_daemon_thread(send: Callable[..., Attempt], url: str, body: bytes, delivery_id: int) -> Attempt:
+    """`send` in a thread of its own, a daemon: `post`'s watchdog ends the socket at TOTAL_TIMEOUT,
+    but not a name lookup that hangs, and a thread of the loop's default executor would be joined
+    when the worker exits (`asyncio.run`), so a stuck POST would hold the shutdown up."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[Attempt] = loop.create_future()
 
@@ -110,7 +144,7 @@ async def _in_daemon_thread(
 
     def run() -> None:
         try:
-            outcome = send(url, body, delivery_id)
+            outcome = send(url, body, delivery_id=delivery_id)
         except BaseException as exc:  # reported on the loop
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
                 loop.call_soon_threadsafe(settle, None, exc)

@@ -43,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "BATCH_WS_RECHECK_SECONDS": 2.0,  # dashboard sockets re-check session and permission
     "BATCH_MAX_CONCURRENT_SUBMITS_PER_USER": 2,  # per process; 0: unbounded
     "BATCH_MAX_WAITING_CANCELS_PER_USER": 4,
+    "BATCH_MAX_CONCURRENT_EXPORTS_PER_USER": 4,  # streaming at once, per process
     "BATCH_SUBMIT_REQUIRES_PERMISSION": False,
     # Completion webhooks (batch/services/callbacks.py, batch/callbacks_delivery.py).
     "BATCH_CALLBACK_ALLOWED_HOSTS": [],  # "host" (any port) or "host:port"; empty: no callback_url is accepted

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import re
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,12 +85,23 @@ def plan(batch: BatchJob, fmt: str) -> Layout:
     return Layout(fmt, with_source_index, params, result)
 
 
-def streaming_response(request: HttpRequest, batch: BatchJob, fmt: str) -> StreamingHttpResponse:
-    """The export of `batch` as an attachment, streamed (async under ASGI, sync under WSGI)."""
-    layout = plan(batch, fmt)
+def streaming_response(
+    request: HttpRequest, batch: BatchJob, fmt: str, *, on_close: Callable[[], None] | None = None
+) -> StreamingHttpResponse:
+    """The export of `batch` as an attachment, streamed (async under ASGI, sync under WSGI).
+    A HEAD gets the headers only: nothing is read (an ASGI server would read the whole body to
+    drop it). `on_close` runs once, when the response is closed (or garbage-collected)."""
+    is_async = isinstance(request, ASGIRequest)
     content: Iterator[bytes] | AsyncIterator[bytes]
-    content = _async_stream(batch, layout) if isinstance(request, ASGIRequest) else _sync_stream(batch, layout)
-    response = StreamingHttpResponse(content, content_type=CONTENT_TYPES[fmt])
+    if request.method == "HEAD":
+        content = _nothing() if is_async else iter(())
+    else:
+        layout = plan(batch, fmt)
+        content = _async_stream(batch, layout) if is_async else _sync_stream(batch, layout)
+    body: Any = content
+    if on_close is not None:
+        body = _AsyncBody(content, on_close) if isinstance(content, AsyncIterator) else _SyncBody(content, on_close)
+    response = StreamingHttpResponse(body, content_type=CONTENT_TYPES[fmt])
     response["Content-Disposition"] = f'attachment; filename="batch-{batch.pk}.{fmt}"'
     response["Cache-Control"] = "no-store"
     return response
@@ -101,6 +113,44 @@ def stream(batch: BatchJob, fmt: str) -> Iterator[bytes]:
 
 
 # --- streaming -----------------------------------------------------------------------------
+
+
+class _Body:
+    """Content with a `close()` that runs `on_close` once: Django calls it when the response ends
+    (after the last byte, or a disconnect); garbage collection of the response is the fallback.
+    The response iterates the body itself (not its content), so the body lives as long as it."""
+
+    def __init__(self, on_close: Callable[[], None]) -> None:
+        self.close = weakref.finalize(self, on_close)
+
+
+class _SyncBody(_Body):
+    def __init__(self, content: Iterator[bytes], on_close: Callable[[], None]) -> None:
+        super().__init__(on_close)
+        self.content = content
+
+    def __iter__(self) -> _SyncBody:
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self.content)
+
+
+class _AsyncBody(_Body):  # no __iter__: Django tells async content by iter() failing
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        super().__init__(on_close)
+        self.content = content
+
+    def __aiter__(self) -> _AsyncBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await anext(self.content)
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield  # an async generator that yields nothing
 
 
 class _Chunks:

@@ -40,6 +40,12 @@ RETRY_POLL_SECONDS = 0.25  # how often a run whose other items still run looks f
 MAX_ERROR_LENGTH = 4000  # characters of a failed attempt's error kept (an item keeps up to five)
 
 
+def storable_text(text: str) -> str:
+    """`text` as both databases store it: NUL (PostgreSQL refuses it) and lone surrogates (not
+    UTF-8: no database driver encodes them) escaped, rather than losing the whole write."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class BatchStore(Protocol):
     """Persistence the runner needs; `batch.store.DatabaseStore` is the real one."""
 
@@ -308,8 +314,7 @@ class BatchRunner:
             return self._failure(item, exc, f"Timed out after {exc.seconds} s.")
         except Exception as exc:
             logger.warning("item failed", exc_info=True, extra={"batch_id": str(self.batch_id), "index": item.index})
-            # PostgreSQL text cannot hold NUL: escape it rather than lose the whole write.
-            return self._failure(item, exc, f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00"))
+            return self._failure(item, exc, storable_text(f"{type(exc).__name__}: {exc}"))
         if result is None:
             return Outcome(item.id, ItemStatus.SUCCEEDED)
         try:

@@ -217,7 +217,7 @@ class DatabaseStore:
         one by one so only the offending item fails, then the rest of the step."""
         try:
             return await call_db(self._write, step)
-        except DatabaseError:
+        except (DatabaseError, UnicodeEncodeError):  # the driver cannot encode a lone surrogate
             if not step.outcomes:
                 raise
             logger.exception("the database refused a step of %d outcomes; writing them one by one", len(step.outcomes))
@@ -225,7 +225,7 @@ class DatabaseStore:
         for outcome in step.outcomes:
             try:
                 await call_db(self._write, Step(outcomes=[outcome]))
-            except DatabaseError as exc:
+            except (DatabaseError, UnicodeEncodeError) as exc:
                 await call_db(self._write, Step(outcomes=[unstorable(outcome, exc)]))
         rest = await call_db(self._write, dataclasses.replace(step, started=[], outcomes=[]))
         return dataclasses.replace(rest, refused=refused)

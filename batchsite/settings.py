@@ -231,6 +231,7 @@ BATCH_WS_RECHECK_SECONDS = env_float("BATCH_WS_RECHECK_SECONDS", 2.0, minimum=0.
 # Requests of one user in progress at once, per process (429 beyond; 0: unbounded).
 BATCH_MAX_CONCURRENT_SUBMITS_PER_USER = env_int("BATCH_MAX_CONCURRENT_SUBMITS_PER_USER", 2, minimum=0)
 BATCH_MAX_WAITING_CANCELS_PER_USER = env_int("BATCH_MAX_WAITING_CANCELS_PER_USER", 4, minimum=0)
+BATCH_MAX_CONCURRENT_EXPORTS_PER_USER = env_int("BATCH_MAX_CONCURRENT_EXPORTS_PER_USER", 4, minimum=0)
 # Limits of one item's parameters (batch/limits.py; 400 naming the item's index).
 BATCH_MAX_ITEM_PARAMS_BYTES = env_int("BATCH_MAX_ITEM_PARAMS_BYTES", 64 * 1024, minimum=2)
 BATCH_MAX_ITEM_PARAMS_DEPTH = env_int("BATCH_MAX_ITEM_PARAMS_DEPTH", 20, minimum=1)

@@ -1,4 +1,4 @@
-"""Per-user bounds on requests that are expensive while they last (submits, waiting cancels).
+"""Per-user bounds on requests that are expensive while they last (submits, waiting cancels, exports).
 
 A throttle counts requests per minute; this counts those in progress, in this process: the
 request past the bound answers 429 with `Retry-After`, having done nothing.
@@ -10,7 +10,7 @@ import contextlib
 import math
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rest_framework.exceptions import Throttled
@@ -21,7 +21,8 @@ class UserSlots:
 
     def __init__(self, what: str) -> None:
         self.what = what
-        self._lock = threading.Lock()
+        # Re-entrant: an export's slot may be released by garbage collection, on any thread, at any point.
+        self._lock = threading.RLock()
         self._held: Counter[Any] = Counter()
 
     @contextlib.contextmanager
@@ -40,7 +41,13 @@ class UserSlots:
             with self._lock:
                 self._held[key] -= 1
                 if self._held[key] <= 0:
-                    del self._held[key]
+                    self._held.pop(key, None)
+
+    def take(self, user: Any, *, limit: int, retry_after: float = 1.0) -> Callable[[], None]:
+        """Hold a slot past this call (a streamed response's lifetime); returns its release (idempotent)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.hold(user, limit=limit, retry_after=retry_after))
+        return stack.close
 
     def held(self, user: Any) -> int:
         with self._lock:
@@ -50,3 +57,4 @@ class UserSlots:
 submits = UserSlots("submissions")
 cancel_waits = UserSlots("waiting cancels")
 pause_waits = UserSlots("waiting pauses")
+exports = UserSlots("exports")

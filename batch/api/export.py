@@ -1,6 +1,7 @@
 """`GET /api/batches/{id}/export/?as=jsonl|csv`: every item of a batch, streamed (`batch.export`).
 
-A mixin of `views.BatchViewSet`: the batch's visibility decides (404), as for viewing it. The
+A mixin of `views.BatchViewSet`: the batch's visibility decides (404), as for viewing it. One user
+streams at most BATCH_MAX_CONCURRENT_EXPORTS_PER_USER exports at once per process (429 beyond). The
 client's `Accept` is not negotiated: the body is the format `as` names, and errors are problem
 details whatever the client accepts (a browser following a download link sends `text/html`).
 """
@@ -11,7 +12,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from adrf.viewsets import GenericViewSet
-from django.http import StreamingHttpResponse
+from django.conf import settings
+from django.http import HttpRequest, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers
@@ -22,6 +24,10 @@ from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
 
 from batch import export
+from batch.api import concurrency
+from batch.models import BatchJob
+
+EXPORT_RETRY_AFTER_SECONDS = 5.0  # a large export streams for seconds
 
 
 class ExportFormatSerializer(serializers.Serializer[dict[str, Any]]):
@@ -67,4 +73,16 @@ class ExportActions(GenericViewSet):
         serializer = ExportFormatSerializer(data=request.query_params)
         serializer.is_valid(raise_exception=True)
         batch = self.get_object()
-        return export.streaming_response(request._request, batch, serializer.validated_data["as"])
+        return streamed_export(request._request, batch, serializer.validated_data["as"])
+
+
+def streamed_export(request: HttpRequest, batch: BatchJob, fmt: str) -> StreamingHttpResponse:
+    """The export response, holding one of the user's BATCH_MAX_CONCURRENT_EXPORTS_PER_USER
+    slots until it is closed (429 `Throttled` when none is free)."""
+    limit = settings.BATCH_MAX_CONCURRENT_EXPORTS_PER_USER
+    release = concurrency.exports.take(request.user, limit=limit, retry_after=EXPORT_RETRY_AFTER_SECONDS)
+    try:
+        return export.streaming_response(request, batch, fmt, on_close=release)
+    except BaseException:
+        release()
+        raise

@@ -18,7 +18,7 @@ from batch.limits import string_problem
 from batch.models import BatchCallback, BatchJob, BatchJobItem, BatchStatus, ItemStatus
 from batch.services import MAX_PARALLEL_LIMIT, MAX_REPORTED_ITEM_ERRORS
 from batch.services.callbacks import MAX_CALLBACK_URL_LENGTH
-from batch.services.submit import MAX_ATTEMPTS_LIMIT, MAX_DEADLINE_SECONDS
+from batch.services.submit import MAX_ATTEMPTS_LIMIT, MAX_DEADLINE_SECONDS, MAX_FAILURES_LIMIT
 
 BATCH_FIELDS = [
     "id",
@@ -126,6 +126,7 @@ class BatchSubmitSerializer(RejectUnknownFields):
         required=False,
         allow_null=True,
         min_value=1,
+        max_value=MAX_FAILURES_LIMIT,
         help_text="Stop the batch (it ends failed, status_reason 'failure threshold') once this many items failed.",
     )
     deadline_seconds = serializers.IntegerField(

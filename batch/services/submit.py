@@ -87,12 +87,13 @@ def _validate_submission(handler: str, items: object, max_parallel: int, name: s
 
 MAX_ATTEMPTS_LIMIT = 100
 MAX_DEADLINE_SECONDS = 366 * 24 * 3600
+MAX_FAILURES_LIMIT = 2**31 - 1  # the column's range on every database (PositiveIntegerField)
 
 
 def _validate_stop_rules(*, max_attempts: int | None, max_failures: int | None, deadline_seconds: int | None) -> None:
     bounds = {
         "max_attempts": (max_attempts, MAX_ATTEMPTS_LIMIT),
-        "max_failures": (max_failures, None),
+        "max_failures": (max_failures, MAX_FAILURES_LIMIT),
         "deadline_seconds": (deadline_seconds, MAX_DEADLINE_SECONDS),
     }
     errors = {
