@@ -8,6 +8,7 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
+
     initial = True
 
     dependencies = [
@@ -16,216 +17,120 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.CreateModel(
-            name="BatchWorker",
+            name='BatchWorker',
             fields=[
-                ("id", models.CharField(max_length=200, primary_key=True, serialize=False)),
-                ("hostname", models.CharField(max_length=255)),
-                ("pid", models.PositiveIntegerField()),
-                ("concurrency", models.PositiveIntegerField()),
-                ("started_at", models.DateTimeField(auto_now_add=True)),
-                ("heartbeat_at", models.DateTimeField()),
-                ("stopped_at", models.DateTimeField(blank=True, null=True)),
+                ('id', models.CharField(max_length=200, primary_key=True, serialize=False)),
+                ('hostname', models.CharField(max_length=255)),
+                ('pid', models.PositiveIntegerField()),
+                ('concurrency', models.PositiveIntegerField()),
+                ('started_at', models.DateTimeField(auto_now_add=True)),
+                ('heartbeat_at', models.DateTimeField()),
+                ('stopped_at', models.DateTimeField(blank=True, null=True)),
             ],
             options={
-                "db_table": "batch_worker",
-                "ordering": ["-heartbeat_at"],
+                'db_table': 'batch_worker',
+                'ordering': ['-heartbeat_at'],
             },
         ),
         migrations.CreateModel(
-            name="BatchJob",
+            name='BatchJob',
             fields=[
-                ("id", models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ("name", models.CharField(blank=True, default="", max_length=200)),
-                ("handler", models.CharField(max_length=200)),
-                (
-                    "status",
-                    models.CharField(
-                        choices=[
-                            ("pending", "Pending"),
-                            ("running", "Running"),
-                            ("cancelling", "Cancelling"),
-                            ("succeeded", "Succeeded"),
-                            ("failed", "Failed"),
-                            ("cancelled", "Cancelled"),
-                        ],
-                        default="pending",
-                        max_length=16,
-                    ),
-                ),
-                ("max_parallel", models.PositiveIntegerField(default=4)),
-                ("max_attempts", models.PositiveSmallIntegerField(default=3)),
-                ("total_items", models.PositiveIntegerField(default=0)),
-                ("running_items", models.PositiveIntegerField(default=0)),
-                ("succeeded_items", models.PositiveIntegerField(default=0)),
-                ("failed_items", models.PositiveIntegerField(default=0)),
-                ("cancelled_items", models.PositiveIntegerField(default=0)),
-                ("created_at", models.DateTimeField(auto_now_add=True)),
-                ("updated_at", models.DateTimeField(auto_now=True)),
-                ("started_at", models.DateTimeField(blank=True, null=True)),
-                ("finished_at", models.DateTimeField(blank=True, null=True)),
-                ("cancel_requested_at", models.DateTimeField(blank=True, null=True)),
-                ("idempotency_key", models.CharField(blank=True, max_length=255, null=True)),
-                (
-                    "cancel_requested_by",
-                    models.ForeignKey(
-                        blank=True,
-                        null=True,
-                        on_delete=django.db.models.deletion.SET_NULL,
-                        related_name="+",
-                        to=settings.AUTH_USER_MODEL,
-                    ),
-                ),
-                (
-                    "created_by",
-                    models.ForeignKey(
-                        blank=True,
-                        null=True,
-                        on_delete=django.db.models.deletion.SET_NULL,
-                        related_name="batch_jobs",
-                        to=settings.AUTH_USER_MODEL,
-                    ),
-                ),
+                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
+                ('name', models.CharField(blank=True, default='', max_length=200)),
+                ('handler', models.CharField(max_length=200)),
+                ('status', models.CharField(choices=[('pending', 'Pending'), ('running', 'Running'), ('cancelling', 'Cancelling'), ('succeeded', 'Succeeded'), ('failed', 'Failed'), ('cancelled', 'Cancelled')], default='pending', max_length=16)),
+                ('max_parallel', models.PositiveIntegerField(default=4)),
+                ('max_attempts', models.PositiveSmallIntegerField(default=3)),
+                ('total_items', models.PositiveIntegerField(default=0)),
+                ('running_items', models.PositiveIntegerField(default=0)),
+                ('succeeded_items', models.PositiveIntegerField(default=0)),
+                ('failed_items', models.PositiveIntegerField(default=0)),
+                ('cancelled_items', models.PositiveIntegerField(default=0)),
+                ('created_at', models.DateTimeField(auto_now_add=True)),
+                ('updated_at', models.DateTimeField(auto_now=True)),
+                ('started_at', models.DateTimeField(blank=True, null=True)),
+                ('finished_at', models.DateTimeField(blank=True, null=True)),
+                ('cancel_requested_at', models.DateTimeField(blank=True, null=True)),
+                ('idempotency_key', models.CharField(blank=True, max_length=255, null=True)),
+                ('cancel_requested_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='batch_jobs', to=settings.AUTH_USER_MODEL)),
             ],
             options={
-                "verbose_name": "batch",
-                "verbose_name_plural": "batches",
-                "db_table": "batch_job",
-                "ordering": ["-created_at"],
-                "permissions": [("cancel_batchjob", "Can cancel batch"), ("resize_batchjob", "Can resize batch")],
+                'verbose_name': 'batch',
+                'verbose_name_plural': 'batches',
+                'db_table': 'batch_job',
+                'ordering': ['-created_at'],
+                'permissions': [('cancel_batchjob', 'Can cancel batch'), ('resize_batchjob', 'Can resize batch')],
             },
         ),
         migrations.CreateModel(
-            name="BatchJobItem",
+            name='BatchJobItem',
             fields=[
-                ("id", models.BigAutoField(primary_key=True, serialize=False)),
-                ("index", models.PositiveIntegerField()),
-                (
-                    "status",
-                    models.CharField(
-                        choices=[
-                            ("pending", "Pending"),
-                            ("running", "Running"),
-                            ("succeeded", "Succeeded"),
-                            ("failed", "Failed"),
-                            ("cancelled", "Cancelled"),
-                        ],
-                        default="pending",
-                        max_length=16,
-                    ),
-                ),
-                ("params", models.JSONField(blank=True, default=dict)),
-                ("result", models.JSONField(blank=True, null=True)),
-                ("error", models.TextField(blank=True, default="")),
-                ("attempts", models.PositiveSmallIntegerField(default=0)),
-                ("lease_owner", models.CharField(blank=True, default="", max_length=200)),
-                ("lease_expires_at", models.DateTimeField(blank=True, null=True)),
-                ("started_at", models.DateTimeField(blank=True, null=True)),
-                ("finished_at", models.DateTimeField(blank=True, null=True)),
-                (
-                    "batch",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.CASCADE, related_name="items", to="batch.batchjob"
-                    ),
-                ),
+                ('id', models.BigAutoField(primary_key=True, serialize=False)),
+                ('index', models.PositiveIntegerField()),
+                ('status', models.CharField(choices=[('pending', 'Pending'), ('running', 'Running'), ('succeeded', 'Succeeded'), ('failed', 'Failed'), ('cancelled', 'Cancelled')], default='pending', max_length=16)),
+                ('params', models.JSONField(blank=True, default=dict)),
+                ('result', models.JSONField(blank=True, null=True)),
+                ('error', models.TextField(blank=True, default='')),
+                ('attempts', models.PositiveSmallIntegerField(default=0)),
+                ('lease_owner', models.CharField(blank=True, default='', max_length=200)),
+                ('lease_expires_at', models.DateTimeField(blank=True, null=True)),
+                ('started_at', models.DateTimeField(blank=True, null=True)),
+                ('finished_at', models.DateTimeField(blank=True, null=True)),
+                ('batch', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='items', to='batch.batchjob')),
             ],
             options={
-                "verbose_name": "batch item",
-                "db_table": "batch_job_item",
-                "ordering": ["batch_id", "index"],
+                'verbose_name': 'batch item',
+                'db_table': 'batch_job_item',
+                'ordering': ['batch_id', 'index'],
             },
         ),
         migrations.AddIndex(
-            model_name="batchjob",
-            index=models.Index(
-                condition=models.Q(("status__in", ["pending", "running", "cancelling"])),
-                fields=["created_at"],
-                name="batch_job_active_idx",
-            ),
+            model_name='batchjob',
+            index=models.Index(condition=models.Q(('status__in', ['pending', 'running', 'cancelling'])), fields=['created_at'], name='batch_job_active_idx'),
         ),
         migrations.AddIndex(
-            model_name="batchjob",
-            index=models.Index(fields=["status", "-created_at"], name="batch_job_status_idx"),
+            model_name='batchjob',
+            index=models.Index(fields=['status', '-created_at'], name='batch_job_status_idx'),
         ),
         migrations.AddConstraint(
-            model_name="batchjob",
-            constraint=models.CheckConstraint(
-                condition=models.Q(
-                    ("status__in", ["pending", "running", "cancelling", "succeeded", "failed", "cancelled"])
-                ),
-                name="batch_job_status_valid",
-            ),
+            model_name='batchjob',
+            constraint=models.CheckConstraint(condition=models.Q(('status__in', ['pending', 'running', 'cancelling', 'succeeded', 'failed', 'cancelled'])), name='batch_job_status_valid'),
         ),
         migrations.AddConstraint(
-            model_name="batchjob",
-            constraint=models.CheckConstraint(
-                condition=models.Q(("max_parallel__gte", 1)), name="batch_job_max_parallel_gte_1"
-            ),
+            model_name='batchjob',
+            constraint=models.CheckConstraint(condition=models.Q(('max_parallel__gte', 1)), name='batch_job_max_parallel_gte_1'),
         ),
         migrations.AddConstraint(
-            model_name="batchjob",
-            constraint=models.CheckConstraint(
-                condition=models.Q(("max_attempts__gte", 1)), name="batch_job_max_attempts_gte_1"
-            ),
+            model_name='batchjob',
+            constraint=models.CheckConstraint(condition=models.Q(('max_attempts__gte', 1)), name='batch_job_max_attempts_gte_1'),
         ),
         migrations.AddConstraint(
-            model_name="batchjob",
-            constraint=models.CheckConstraint(
-                condition=models.Q(
-                    (
-                        "total_items__gte",
-                        django.db.models.expressions.CombinedExpression(
-                            django.db.models.expressions.CombinedExpression(
-                                django.db.models.expressions.CombinedExpression(
-                                    models.F("running_items"), "+", models.F("succeeded_items")
-                                ),
-                                "+",
-                                models.F("failed_items"),
-                            ),
-                            "+",
-                            models.F("cancelled_items"),
-                        ),
-                    )
-                ),
-                name="batch_job_counters_within_total",
-            ),
+            model_name='batchjob',
+            constraint=models.CheckConstraint(condition=models.Q(('total_items__gte', django.db.models.expressions.CombinedExpression(django.db.models.expressions.CombinedExpression(django.db.models.expressions.CombinedExpression(models.F('running_items'), '+', models.F('succeeded_items')), '+', models.F('failed_items')), '+', models.F('cancelled_items')))), name='batch_job_counters_within_total'),
         ),
         migrations.AddConstraint(
-            model_name="batchjob",
-            constraint=models.UniqueConstraint(
-                condition=models.Q(("idempotency_key__isnull", False)),
-                fields=("created_by", "idempotency_key"),
-                name="batch_job_idempotency_key_unique",
-            ),
+            model_name='batchjob',
+            constraint=models.UniqueConstraint(condition=models.Q(('idempotency_key__isnull', False)), fields=('created_by', 'idempotency_key'), name='batch_job_idempotency_key_unique'),
         ),
         migrations.AddIndex(
-            model_name="batchjobitem",
-            index=models.Index(
-                condition=models.Q(("status", "pending")), fields=["batch", "index"], name="batch_item_pending_idx"
-            ),
+            model_name='batchjobitem',
+            index=models.Index(condition=models.Q(('status', 'pending')), fields=['batch', 'index'], name='batch_item_pending_idx'),
         ),
         migrations.AddIndex(
-            model_name="batchjobitem",
-            index=models.Index(
-                condition=models.Q(("status", "running")),
-                fields=["lease_expires_at"],
-                name="batch_item_running_lease_idx",
-            ),
+            model_name='batchjobitem',
+            index=models.Index(condition=models.Q(('status', 'running')), fields=['lease_expires_at'], name='batch_item_running_lease_idx'),
         ),
         migrations.AddIndex(
-            model_name="batchjobitem",
-            index=models.Index(
-                condition=models.Q(("status", "running")), fields=["lease_owner"], name="batch_item_running_owner_idx"
-            ),
+            model_name='batchjobitem',
+            index=models.Index(condition=models.Q(('status', 'running')), fields=['lease_owner'], name='batch_item_running_owner_idx'),
         ),
         migrations.AddConstraint(
-            model_name="batchjobitem",
-            constraint=models.UniqueConstraint(fields=("batch", "index"), name="batch_job_item_batch_index_unique"),
+            model_name='batchjobitem',
+            constraint=models.UniqueConstraint(fields=('batch', 'index'), name='batch_job_item_batch_index_unique'),
         ),
         migrations.AddConstraint(
-            model_name="batchjobitem",
-            constraint=models.CheckConstraint(
-                condition=models.Q(("status__in", ["pending", "running", "succeeded", "failed", "cancelled"])),
-                name="batch_job_item_status_valid",
-            ),
+            model_name='batchjobitem',
+            constraint=models.CheckConstraint(condition=models.Q(('status__in', ['pending', 'running', 'succeeded', 'failed', 'cancelled'])), name='batch_job_item_status_valid'),
         ),
     ]

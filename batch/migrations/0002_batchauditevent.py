@@ -6,52 +6,29 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
+
     dependencies = [
-        ("batch", "0001_initial"),
+        ('batch', '0001_initial'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name="BatchAuditEvent",
+            name='BatchAuditEvent',
             fields=[
-                ("id", models.BigAutoField(primary_key=True, serialize=False)),
-                (
-                    "action",
-                    models.CharField(
-                        choices=[
-                            ("submitted", "Submitted"),
-                            ("cancel_requested", "Cancel requested"),
-                            ("resized", "Resized"),
-                        ],
-                        max_length=32,
-                    ),
-                ),
-                ("actor_name", models.CharField(blank=True, default="", max_length=150)),
-                ("at", models.DateTimeField()),
-                ("details", models.JSONField(blank=True, default=dict)),
-                (
-                    "actor",
-                    models.ForeignKey(
-                        blank=True,
-                        null=True,
-                        on_delete=django.db.models.deletion.SET_NULL,
-                        related_name="+",
-                        to=settings.AUTH_USER_MODEL,
-                    ),
-                ),
-                (
-                    "batch",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.CASCADE, related_name="audit_events", to="batch.batchjob"
-                    ),
-                ),
+                ('id', models.BigAutoField(primary_key=True, serialize=False)),
+                ('action', models.CharField(choices=[('submitted', 'Submitted'), ('cancel_requested', 'Cancel requested'), ('resized', 'Resized')], max_length=32)),
+                ('actor_name', models.CharField(blank=True, default='', max_length=150)),
+                ('at', models.DateTimeField()),
+                ('details', models.JSONField(blank=True, default=dict)),
+                ('actor', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                ('batch', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='audit_events', to='batch.batchjob')),
             ],
             options={
-                "verbose_name": "audit event",
-                "db_table": "batch_audit_event",
-                "ordering": ["at", "id"],
-                "indexes": [models.Index(fields=["batch", "at"], name="batch_audit_batch_at_idx")],
+                'verbose_name': 'audit event',
+                'db_table': 'batch_audit_event',
+                'ordering': ['at', 'id'],
+                'indexes': [models.Index(fields=['batch', 'at'], name='batch_audit_batch_at_idx')],
             },
         ),
     ]

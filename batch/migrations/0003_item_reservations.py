@@ -5,32 +5,27 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
+
     dependencies = [
-        ("batch", "0002_batchauditevent"),
+        ('batch', '0002_batchauditevent'),
     ]
 
     operations = [
         migrations.RemoveIndex(
-            model_name="batchjobitem",
-            name="batch_item_running_lease_idx",
+            model_name='batchjobitem',
+            name='batch_item_running_lease_idx',
         ),
         migrations.RemoveIndex(
-            model_name="batchjobitem",
-            name="batch_item_running_owner_idx",
+            model_name='batchjobitem',
+            name='batch_item_running_owner_idx',
         ),
         migrations.AlterField(
-            model_name="batchjobitem",
-            name="batch",
-            field=models.ForeignKey(
-                db_index=False, on_delete=django.db.models.deletion.CASCADE, related_name="items", to="batch.batchjob"
-            ),
+            model_name='batchjobitem',
+            name='batch',
+            field=models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.CASCADE, related_name='items', to='batch.batchjob'),
         ),
         migrations.AddIndex(
-            model_name="batchjobitem",
-            index=models.Index(
-                condition=models.Q(("lease_expires_at__isnull", False)),
-                fields=["lease_expires_at"],
-                name="batch_item_lease_idx",
-            ),
+            model_name='batchjobitem',
+            index=models.Index(condition=models.Q(('lease_expires_at__isnull', False)), fields=['lease_expires_at'], name='batch_item_lease_idx'),
         ),
     ]

@@ -4,24 +4,25 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
+
     dependencies = [
-        ("batch", "0003_item_reservations"),
+        ('batch', '0003_item_reservations'),
     ]
 
     operations = [
         migrations.AddField(
-            model_name="batchjob",
-            name="worker_share",
+            model_name='batchjob',
+            name='worker_share',
             field=models.PositiveIntegerField(blank=True, null=True),
         ),
         migrations.AddField(
-            model_name="batchjob",
-            name="worker_share_for",
-            field=models.CharField(blank=True, db_default="", default="", max_length=200),
+            model_name='batchjob',
+            name='worker_share_for',
+            field=models.CharField(blank=True, db_default='', default='', max_length=200),
         ),
         migrations.AddField(
-            model_name="batchjob",
-            name="worker_share_until",
+            model_name='batchjob',
+            name='worker_share_until',
             field=models.DateTimeField(blank=True, null=True),
         ),
     ]

@@ -5,8 +5,9 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
+
     dependencies = [
-        ("batch", "0004_worker_share"),
+        ('batch', '0004_worker_share'),
     ]
 
     # The worker share's columns leave the model but stay in the table for one release: workers
@@ -15,32 +16,25 @@ class Migration(migrations.Migration):
     operations = [
         migrations.SeparateDatabaseAndState(
             state_operations=[
-                migrations.RemoveField(model_name="batchjob", name="worker_share"),
-                migrations.RemoveField(model_name="batchjob", name="worker_share_for"),
-                migrations.RemoveField(model_name="batchjob", name="worker_share_until"),
+                migrations.RemoveField(model_name='batchjob', name='worker_share'),
+                migrations.RemoveField(model_name='batchjob', name='worker_share_for'),
+                migrations.RemoveField(model_name='batchjob', name='worker_share_until'),
             ],
         ),
         migrations.CreateModel(
-            name="BatchPermit",
+            name='BatchPermit',
             fields=[
-                ("id", models.BigAutoField(primary_key=True, serialize=False)),
-                ("worker_id", models.CharField(max_length=200)),
-                ("permits", models.PositiveIntegerField(default=0)),
-                ("demand", models.PositiveIntegerField(default=0)),
-                ("waiting_since", models.DateTimeField(blank=True, null=True)),
-                ("expires_at", models.DateTimeField()),
-                (
-                    "batch",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.CASCADE, related_name="permits", to="batch.batchjob"
-                    ),
-                ),
+                ('id', models.BigAutoField(primary_key=True, serialize=False)),
+                ('worker_id', models.CharField(max_length=200)),
+                ('permits', models.PositiveIntegerField(default=0)),
+                ('demand', models.PositiveIntegerField(default=0)),
+                ('waiting_since', models.DateTimeField(blank=True, null=True)),
+                ('expires_at', models.DateTimeField()),
+                ('batch', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='permits', to='batch.batchjob')),
             ],
             options={
-                "db_table": "batch_permit",
-                "constraints": [
-                    models.UniqueConstraint(fields=("batch", "worker_id"), name="batch_permit_batch_worker_unique")
-                ],
+                'db_table': 'batch_permit',
+                'constraints': [models.UniqueConstraint(fields=('batch', 'worker_id'), name='batch_permit_batch_worker_unique')],
             },
         ),
     ]

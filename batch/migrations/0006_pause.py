@@ -5,79 +5,41 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
+
     dependencies = [
-        ("batch", "0005_slot_permits"),
+        ('batch', '0005_slot_permits'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.AlterModelOptions(
-            name="batchjob",
-            options={
-                "ordering": ["-created_at"],
-                "permissions": [
-                    ("cancel_batchjob", "Can cancel batch"),
-                    ("resize_batchjob", "Can resize batch"),
-                    ("pause_batchjob", "Can pause and resume batch"),
-                ],
-                "verbose_name": "batch",
-                "verbose_name_plural": "batches",
-            },
+            name='batchjob',
+            options={'ordering': ['-created_at'], 'permissions': [('cancel_batchjob', 'Can cancel batch'), ('resize_batchjob', 'Can resize batch'), ('pause_batchjob', 'Can pause and resume batch')], 'verbose_name': 'batch', 'verbose_name_plural': 'batches'},
         ),
         migrations.RemoveConstraint(
-            model_name="batchjob",
-            name="batch_job_status_valid",
+            model_name='batchjob',
+            name='batch_job_status_valid',
         ),
         migrations.RemoveIndex(
-            model_name="batchjob",
-            name="batch_job_active_idx",
+            model_name='batchjob',
+            name='batch_job_active_idx',
         ),
         migrations.AlterField(
-            model_name="batchauditevent",
-            name="action",
-            field=models.CharField(
-                choices=[
-                    ("submitted", "Submitted"),
-                    ("cancel_requested", "Cancel requested"),
-                    ("resized", "Resized"),
-                    ("pause_requested", "Pause requested"),
-                    ("resumed", "Resumed"),
-                ],
-                max_length=32,
-            ),
+            model_name='batchauditevent',
+            name='action',
+            field=models.CharField(choices=[('submitted', 'Submitted'), ('cancel_requested', 'Cancel requested'), ('resized', 'Resized'), ('pause_requested', 'Pause requested'), ('resumed', 'Resumed')], max_length=32),
         ),
         migrations.AlterField(
-            model_name="batchjob",
-            name="status",
-            field=models.CharField(
-                choices=[
-                    ("pending", "Pending"),
-                    ("running", "Running"),
-                    ("paused", "Paused"),
-                    ("cancelling", "Cancelling"),
-                    ("succeeded", "Succeeded"),
-                    ("failed", "Failed"),
-                    ("cancelled", "Cancelled"),
-                ],
-                default="pending",
-                max_length=16,
-            ),
+            model_name='batchjob',
+            name='status',
+            field=models.CharField(choices=[('pending', 'Pending'), ('running', 'Running'), ('paused', 'Paused'), ('cancelling', 'Cancelling'), ('succeeded', 'Succeeded'), ('failed', 'Failed'), ('cancelled', 'Cancelled')], default='pending', max_length=16),
         ),
         migrations.AddIndex(
-            model_name="batchjob",
-            index=models.Index(
-                condition=models.Q(("status__in", ["pending", "running", "paused", "cancelling"])),
-                fields=["created_at"],
-                name="batch_job_active_idx",
-            ),
+            model_name='batchjob',
+            index=models.Index(condition=models.Q(('status__in', ['pending', 'running', 'paused', 'cancelling'])), fields=['created_at'], name='batch_job_active_idx'),
         ),
         migrations.AddConstraint(
-            model_name="batchjob",
-            constraint=models.CheckConstraint(
-                condition=models.Q(
-                    ("status__in", ["pending", "running", "paused", "cancelling", "succeeded", "failed", "cancelled"])
-                ),
-                name="batch_job_status_valid",
-            ),
+            model_name='batchjob',
+            constraint=models.CheckConstraint(condition=models.Q(('status__in', ['pending', 'running', 'paused', 'cancelling', 'succeeded', 'failed', 'cancelled'])), name='batch_job_status_valid'),
         ),
     ]

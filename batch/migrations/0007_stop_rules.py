@@ -5,48 +5,34 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
+
     dependencies = [
-        ("batch", "0006_pause"),
+        ('batch', '0006_pause'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.AddField(
-            model_name="batchjob",
-            name="deadline_seconds",
+            model_name='batchjob',
+            name='deadline_seconds',
             field=models.PositiveIntegerField(blank=True, null=True),
         ),
         migrations.AddField(
-            model_name="batchjob",
-            name="max_failures",
+            model_name='batchjob',
+            name='max_failures',
             field=models.PositiveIntegerField(blank=True, null=True),
         ),
         migrations.AddField(
-            model_name="batchjob",
-            name="status_reason",
-            field=models.CharField(
-                blank=True,
-                choices=[
-                    ("requested", "Requested"),
-                    ("deadline", "Deadline"),
-                    ("failure threshold", "Failure threshold"),
-                ],
-                max_length=32,
-                null=True,
-            ),
+            model_name='batchjob',
+            name='status_reason',
+            field=models.CharField(blank=True, choices=[('requested', 'Requested'), ('deadline', 'Deadline'), ('failure threshold', 'Failure threshold')], max_length=32, null=True),
         ),
         migrations.AddConstraint(
-            model_name="batchjob",
-            constraint=models.CheckConstraint(
-                condition=models.Q(("max_failures__isnull", True), ("max_failures__gte", 1), _connector="OR"),
-                name="batch_job_max_failures_gte_1",
-            ),
+            model_name='batchjob',
+            constraint=models.CheckConstraint(condition=models.Q(('max_failures__isnull', True), ('max_failures__gte', 1), _connector='OR'), name='batch_job_max_failures_gte_1'),
         ),
         migrations.AddConstraint(
-            model_name="batchjob",
-            constraint=models.CheckConstraint(
-                condition=models.Q(("deadline_seconds__isnull", True), ("deadline_seconds__gte", 1), _connector="OR"),
-                name="batch_job_deadline_seconds_gte_1",
-            ),
+            model_name='batchjob',
+            constraint=models.CheckConstraint(condition=models.Q(('deadline_seconds__isnull', True), ('deadline_seconds__gte', 1), _connector='OR'), name='batch_job_deadline_seconds_gte_1'),
         ),
     ]

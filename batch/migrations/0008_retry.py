@@ -5,54 +5,29 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
+
     dependencies = [
-        ("batch", "0007_stop_rules"),
+        ('batch', '0007_stop_rules'),
     ]
 
     operations = [
         migrations.AlterModelOptions(
-            name="batchjob",
-            options={
-                "ordering": ["-created_at"],
-                "permissions": [
-                    ("cancel_batchjob", "Can cancel batch"),
-                    ("resize_batchjob", "Can resize batch"),
-                    ("pause_batchjob", "Can pause and resume batch"),
-                    ("retry_batchjob", "Can retry batch"),
-                ],
-                "verbose_name": "batch",
-                "verbose_name_plural": "batches",
-            },
+            name='batchjob',
+            options={'ordering': ['-created_at'], 'permissions': [('cancel_batchjob', 'Can cancel batch'), ('resize_batchjob', 'Can resize batch'), ('pause_batchjob', 'Can pause and resume batch'), ('retry_batchjob', 'Can retry batch')], 'verbose_name': 'batch', 'verbose_name_plural': 'batches'},
         ),
         migrations.AddField(
-            model_name="batchjob",
-            name="retry_of",
-            field=models.ForeignKey(
-                blank=True,
-                null=True,
-                on_delete=django.db.models.deletion.SET_NULL,
-                related_name="retries",
-                to="batch.batchjob",
-            ),
+            model_name='batchjob',
+            name='retry_of',
+            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='retries', to='batch.batchjob'),
         ),
         migrations.AddField(
-            model_name="batchjobitem",
-            name="source_index",
+            model_name='batchjobitem',
+            name='source_index',
             field=models.PositiveIntegerField(blank=True, null=True),
         ),
         migrations.AlterField(
-            model_name="batchauditevent",
-            name="action",
-            field=models.CharField(
-                choices=[
-                    ("submitted", "Submitted"),
-                    ("cancel_requested", "Cancel requested"),
-                    ("resized", "Resized"),
-                    ("pause_requested", "Pause requested"),
-                    ("resumed", "Resumed"),
-                    ("retried", "Retried"),
-                ],
-                max_length=32,
-            ),
+            model_name='batchauditevent',
+            name='action',
+            field=models.CharField(choices=[('submitted', 'Submitted'), ('cancel_requested', 'Cancel requested'), ('resized', 'Resized'), ('pause_requested', 'Pause requested'), ('resumed', 'Resumed'), ('retried', 'Retried')], max_length=32),
         ),
     ]
