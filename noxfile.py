@@ -18,7 +18,8 @@ import nox
 
 ROOT = Path(__file__).resolve().parent
 PYTHON_FOR_DJANGO = {"5.2": "3.11", "6.1": "3.12"}
-# CI: the whole suite (SQLite and PostgreSQL) on 5.2, the PostgreSQL pass again on 6.1.
+# CI: the whole suite (SQLite and PostgreSQL) on 5.2, the PostgreSQL pass again on 6.1
+# (there `-m "not slow or browser"`: .ci/run says why).
 CI_MATRIX = [("5.2", "sqlite"), ("5.2", "postgres"), ("6.1", "postgres")]
 
 nox.options.default_venv_backend = "venv"

@@ -38,7 +38,7 @@ CHROMIUM_ARGS = [
 ARTIFACTS = ROOT / "artifacts"
 TIMEOUT_MS = 30_000
 
-pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 
 def free_port() -> int:
