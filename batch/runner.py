@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -258,7 +257,7 @@ class BatchRunner:
     async def _run_item(self, item: ClaimedItem) -> None:
         try:
             began = time.monotonic()
-            outcome = dataclasses.replace(await self._execute(item), attempt=item.attempt)
+            outcome = await self._execute(item)
             duration = time.monotonic() - began
             self._metrics.finished(metrics.RETRIED if outcome.retry_in is not None else outcome.status, duration)
             self._mean_duration = (
@@ -301,7 +300,7 @@ class BatchRunner:
         if self._forced and not self._releasing:
             error = "Cancelled by force: the handler ignored cancellation past the drain deadline."
             self._metrics.finished(ItemStatus.CANCELLED)
-            await self.store.complete([Outcome(item.id, ItemStatus.CANCELLED, error=error)])
+            await self.store.complete([Outcome(item.id, ItemStatus.CANCELLED, error=error, attempt=item.attempt)])
         else:
             await self.store.release([item.id])
 
@@ -309,21 +308,28 @@ class BatchRunner:
         try:
             result = await self._call(item)
         except ItemCancelled:
-            return Outcome(item.id, ItemStatus.CANCELLED, error="Cancelled at a checkpoint.")
+            return Outcome(item.id, ItemStatus.CANCELLED, error="Cancelled at a checkpoint.", attempt=item.attempt)
         except HandlerTimeout as exc:
             return self._failure(item, exc, f"Timed out after {exc.seconds} s.")
         except Exception as exc:
             logger.warning("item failed", exc_info=True, extra={"batch_id": str(self.batch_id), "index": item.index})
             return self._failure(item, exc, storable_text(f"{type(exc).__name__}: {exc}"))
         if result is None:
-            return Outcome(item.id, ItemStatus.SUCCEEDED)
+            return Outcome(item.id, ItemStatus.SUCCEEDED, attempt=item.attempt)
         try:
             encoded = json.dumps(result, allow_nan=False)  # what PostgreSQL's jsonb accepts
         except (TypeError, ValueError) as exc:
-            return Outcome(item.id, ItemStatus.FAILED, error=f"Result is not JSON serializable: {exc}")
+            return Outcome(
+                item.id, ItemStatus.FAILED, error=f"Result is not JSON serializable: {exc}", attempt=item.attempt
+            )
         if "\\u0000" in encoded:
-            return Outcome(item.id, ItemStatus.FAILED, error="Result contains a NUL character, which cannot be stored.")
-        return Outcome(item.id, ItemStatus.SUCCEEDED, result=result)
+            return Outcome(
+                item.id,
+                ItemStatus.FAILED,
+                error="Result contains a NUL character, which cannot be stored.",
+                attempt=item.attempt,
+            )
+        return Outcome(item.id, ItemStatus.SUCCEEDED, result=result, attempt=item.attempt)
 
     def _failure(self, item: ClaimedItem, exc: BaseException, error: str) -> Outcome:
         """A failed attempt: tried again after a backoff if the handler's `Retry` covers the
@@ -332,8 +338,10 @@ class BatchRunner:
             error = error[:MAX_ERROR_LENGTH] + " … (truncated)"
         policy = self.handler.retry
         if policy is None or item.attempt >= item.max_attempts or not policy.applies_to(exc):
-            return Outcome(item.id, ItemStatus.FAILED, error=error)
-        return Outcome(item.id, ItemStatus.PENDING, error=error, retry_in=policy.delay(item.attempt))
+            return Outcome(item.id, ItemStatus.FAILED, error=error, attempt=item.attempt)
+        return Outcome(
+            item.id, ItemStatus.PENDING, error=error, retry_in=policy.delay(item.attempt), attempt=item.attempt
+        )
 
     async def _call(self, item: ClaimedItem) -> Any:
         """Run the handler; an item timeout counts from the moment the handler starts."""

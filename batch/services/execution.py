@@ -144,7 +144,8 @@ def _ids(ids: Sequence[int]) -> tuple[str, list[Any]]:
 
 def _outcome_row(o: Outcome, started_at: datetime | None) -> tuple[Any, ...]:
     began = None if started_at is None else _db_time(started_at)
-    finished, retry_in, at = _db_time(o.finished_at), o.retry_in, o.finished_at.isoformat()
+    failed = o.status in (ItemStatus.FAILED, ItemStatus.PENDING)  # its error goes into `errors`
+    finished, retry_in, at = _db_time(o.finished_at), o.retry_in, o.finished_at.isoformat() if failed else None
     row = (o.item_id, str(o.status), _json(o.result), o.error, finished, began is not None, began, retry_in, at)
     return (*row, o.attempt)
 
