@@ -19,6 +19,7 @@ The host is checked against BATCH_CALLBACK_ALLOWED_HOSTS again before every atte
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import hmac
@@ -28,7 +29,6 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
 from urllib.parse import quote, urlsplit
 
 from django.conf import settings
@@ -127,33 +127,20 @@ def _attempt(code: int, reason: str, location: str) -> Attempt:
     return Attempt(status_code=code, error=f"HTTP {code} {reason or ''}".strip())
 
 
-async def _in_daemon_thread(send: Callable[..., Attempt], url: str, body: bytes, delivery_id: int) -> Attempt:
-    """`send` in a thread of its own, a daemon: `post`'s watchdog ends the socket at TOTAL_TIMEOUT,
-    but not a name lookup that hangs, and a thread of the loop's default executor would be joined
+async def _in_daemon_thread(url: str, body: bytes, delivery_id: int) -> Attempt:
+    """`post` in a thread of its own, a daemon: its watchdog ends the socket at TOTAL_TIMEOUT, but
+    not a name lookup that hangs, and a thread of the loop's default executor would be joined
     when the worker exits (`asyncio.run`), so a stuck POST would hold the shutdown up."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[Attempt] = loop.create_future()
-
-    def settle(outcome: Attempt | None, error: BaseException | None) -> None:
-        if done.done():
-            return
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(outcome)  # type: ignore[arg-type]
+    done: concurrent.futures.Future[Attempt] = concurrent.futures.Future()
 
     def run() -> None:
         try:
-            outcome = send(url, body, delivery_id=delivery_id)
-        except BaseException as exc:  # reported on the loop
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
-                loop.call_soon_threadsafe(settle, None, exc)
-            return
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(settle, outcome, None)
+            done.set_result(post(url, body, delivery_id=delivery_id))
+        except BaseException as exc:  # reported to the awaiting task, if it still waits
+            done.set_exception(exc)
 
     threading.Thread(target=run, name=f"webhook-{delivery_id}", daemon=True).start()
-    return await done
+    return await asyncio.wrap_future(done)
 
 
 class CallbackSender:
@@ -224,7 +211,7 @@ class CallbackSender:
                 status_code=None, error="The host is not in BATCH_CALLBACK_ALLOWED_HOSTS; not sent.", retry=False
             )
         try:
-            return await asyncio.wait_for(_in_daemon_thread(post, row.url, row.body.encode(), row.id), TOTAL_TIMEOUT)
+            return await asyncio.wait_for(_in_daemon_thread(row.url, row.body.encode(), row.id), TOTAL_TIMEOUT)
         except TimeoutError:
             return Attempt(status_code=None, error=f"No complete response within {TOTAL_TIMEOUT:g} s.")
 

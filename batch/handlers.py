@@ -26,6 +26,7 @@ from django.utils.module_loading import autodiscover_modules
 from rest_framework import serializers
 
 from batch.forecasting import backtest
+from batch.processes import HandlerError
 
 if TYPE_CHECKING:
     from multiprocessing.synchronize import Event as ProcessEvent
@@ -124,8 +125,7 @@ class Retry:
         if isinstance(error, ItemCancelled):
             return False
         # A sync handler's exception that could not be rebuilt in the worker: by its class names.
-        remote = getattr(error, "remote_kinds", ())
-        return isinstance(error, self.on) or any(f"{kind.__module__}.{kind.__qualname__}" in remote for kind in self.on)
+        return isinstance(error, self.on) or (isinstance(error, HandlerError) and error.was_a(self.on))
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number `attempt` (1 for the first)."""

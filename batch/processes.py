@@ -49,8 +49,11 @@ class HandlerError(Exception):
     def __init__(self, type_name: str, message: str, remote_kinds: tuple[str, ...] = ()) -> None:
         super().__init__(type_name, message)
         self.type_name, self.message = type_name, message
-        # "module.QualName" of the original exception's classes, so a `Retry(on=...)` still matches.
-        self.remote_kinds = remote_kinds
+        self.remote_kinds = remote_kinds  # `class_path` of each class of the original exception
+
+    def was_a(self, kinds: tuple[type[BaseException], ...]) -> bool:
+        """Whether the original exception was an instance of one of `kinds` (by their names)."""
+        return any(class_path(kind) in self.remote_kinds for kind in kinds)
 
     def __str__(self) -> str:
         return f"{self.type_name}: {self.message}"
@@ -368,8 +371,12 @@ def _error_reply(exc: Exception) -> Reply:
         pickled = pickle.dumps(exc)
         pickle.loads(pickled)  # some exceptions pickle but cannot be rebuilt
         blob = pickled
-    kinds = tuple(f"{kind.__module__}.{kind.__qualname__}" for kind in type(exc).__mro__)
+    kinds = tuple(class_path(kind) for kind in type(exc).__mro__)
     return ("error", blob, type(exc).__name__, str(exc), remote_traceback, kinds)
+
+
+def class_path(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _without_pool(config: dict[str, Any]) -> dict[str, Any]:

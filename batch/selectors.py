@@ -17,7 +17,7 @@ from django.db.models.functions import Now
 
 from batch import permissions
 from batch.models import BatchCallback, BatchJob, BatchJobItem, BatchPermit, BatchStatus, ItemStatus
-from batch.services._base import STOPPABLE, db_deadline_passed_sql, db_later_sql
+from batch.services._base import STOPPABLE, db_deadline_passed_sql, db_later_sql, db_uuid
 
 
 @dataclass(frozen=True)
@@ -246,9 +246,8 @@ def json_keys(batch_id: uuid.UUID, column: str, *, limit: int, max_length: int) 
         raise ValueError(f"not a JSON column of items: {column!r}")
     typeof, join, key = _KEY_SQL[connection.vendor]
     sql = _KEYS.format(key=key, join=join.format(col=column), typeof=typeof, col=column)
-    batch = BatchJobItem._meta.get_field("batch").get_db_prep_value(batch_id, connection)
     with connection.cursor() as cursor:
-        cursor.execute(sql, [max_length, batch, limit + 2])
+        cursor.execute(sql, [max_length, db_uuid(batch_id), limit + 2])
         found = [row[0] for row in cursor.fetchall()]
     overflow = bool(found) and found[0] is None
     keys = tuple(_text(k) for k in found[overflow:])

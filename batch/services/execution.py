@@ -161,7 +161,7 @@ def _errors_sql() -> str:
     else:
         kept = f"CASE WHEN json_array_length(errors) >= {ERRORS_KEPT} THEN json_remove(errors, '$[0]') ELSE errors END"
         added = f"json_insert({kept}, '$[#]', json_object('attempt', {attempt}, 'error', v.c4, 'at', v.c9))"
-    return f"CASE WHEN v.c2 IN ('failed', 'pending') THEN {added} ELSE errors END"
+    return f"CASE WHEN v.c9 IS NOT NULL THEN {added} ELSE errors END"  # c9: set for failed attempts only
 
 
 def _json(value: Any) -> str | None:

@@ -20,14 +20,21 @@ logger = logging.getLogger(__name__)
 def cancel_retries(cursor: Any, batch_id: uuid.UUID, item_ids: Sequence[int]) -> int:
     """Retries in a batch being stopped: cancelled now. Its stop cancelled the unleased pending
     items before these were (the batch row's lock orders the two), so nobody else would."""
+    return _cancel_unleased(cursor, batch_id, item_ids)
+
+
+def _cancel_unleased(cursor: Any, batch_id: uuid.UUID, item_ids: Sequence[int] | None = None) -> int:
+    """The batch's unleased pending items (those of `item_ids` only, if given) → cancelled, and
+    counted; how many."""
     now, now_params = db_later_sql(0)
+    batch = db_uuid(batch_id)
+    among = "" if item_ids is None else f" AND id IN ({sql_marks(item_ids)})"
     cursor.execute(
-        f"UPDATE batch_job_item SET status = %s, finished_at = {now}, available_at = NULL"
-        f" WHERE id IN ({sql_marks(item_ids)}) AND status = %s AND lease_owner = ''",
-        [ItemStatus.CANCELLED, *now_params, *item_ids, ItemStatus.PENDING],
+        f"UPDATE batch_job_item SET status = %s, finished_at = {now}"
+        f" WHERE batch_id = %s AND status = %s AND lease_owner = ''{among}",
+        [ItemStatus.CANCELLED, *now_params, batch, ItemStatus.PENDING, *(item_ids or ())],
     )
     count = int(cursor.rowcount)
-    batch = db_uuid(batch_id)
     cursor.execute("UPDATE batch_job SET cancelled_items = cancelled_items + %s WHERE id = %s", [count, batch])
     return count
 
@@ -48,13 +55,7 @@ def stop_at_failure_threshold(cursor: Any, batch_id: uuid.UUID) -> int | None:
     row = cursor.fetchone()
     if row is None:
         return None
-    cursor.execute(
-        f"UPDATE batch_job_item SET status = %s, finished_at = {now}"
-        " WHERE batch_id = %s AND status = %s AND lease_owner = ''",
-        [ItemStatus.CANCELLED, *now_params, batch, ItemStatus.PENDING],
-    )
-    cancelled = int(cursor.rowcount)
-    cursor.execute("UPDATE batch_job SET cancelled_items = cancelled_items + %s WHERE id = %s", [cancelled, batch])
+    cancelled = _cancel_unleased(cursor, batch_id)
     reason = StatusReason.FAILURE_THRESHOLD
     audit(batch_id, AuditAction.CANCEL_REQUESTED, None, timezone.now(), reason=reason, pending_cancelled=cancelled)
     notify(batch_id, "cancel")
