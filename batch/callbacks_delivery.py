@@ -135,9 +135,13 @@ async def _in_daemon_thread(url: str, body: bytes, delivery_id: int) -> Attempt:
 
     def run() -> None:
         try:
-            done.set_result(post(url, body, delivery_id=delivery_id))
+            outcome = post(url, body, delivery_id=delivery_id)
         except BaseException as exc:  # reported to the awaiting task, if it still waits
-            done.set_exception(exc)
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # it gave up: cancelled
+                done.set_exception(exc)
+            return
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            done.set_result(outcome)
 
     threading.Thread(target=run, name=f"webhook-{delivery_id}", daemon=True).start()
     return await asyncio.wrap_future(done)
